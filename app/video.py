@@ -1,0 +1,317 @@
+"""Frames -> H.264/yuv420p MP4 plus a metadata JSON beside it, in the outputs folder.
+
+This module owns the outputs folder: it names files, writes them atomically and lists them.
+
+Names are ``video_YYYYMMDD_HHMMSS_mmm.mp4`` (``_2``, ``_3``... appended on a collision) with
+``video_YYYYMMDD_HHMMSS_mmm.json`` beside it. A name is reserved by creating the hidden file
+``.video_<stem>.lock`` with O_CREAT|O_EXCL, which is atomic across threads and processes.
+Both files are first written under hidden ``.video_<stem>.*.part`` names and moved into place
+with ``os.replace``: the JSON first, then the MP4, so a visible MP4 always has its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import imageio_ffmpeg
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CODEC = "libx264"
+PIX_FMT = "yuv420p"
+CRF = 18
+PRESET = "medium"
+
+_NAME_RE = re.compile(r"^video_(\d{8})_(\d{6})_(\d{3})(?:_(\d+))?\.mp4$")
+_MAX_SUFFIX = 10_000
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    """A finished video and its metadata JSON."""
+
+    path: Path
+    metadata_path: Path
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    """One finished video in the outputs folder, as the history gallery shows it."""
+
+    path: Path
+    metadata_path: Path
+    created: datetime
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def write_video(
+    frames_thwc_uint8: np.ndarray | Iterable[np.ndarray],
+    fps: int,
+    out_dir: Path,
+    metadata: dict[str, Any],
+    *,
+    now: datetime | None = None,
+) -> VideoFile:
+    """Encode RGB frames (T, H, W, 3) uint8 as H.264 yuv420p MP4 and write its metadata JSON.
+
+    ``frames_thwc_uint8`` may also be an iterable of (H, W, 3) uint8 frames, so a caller can
+    decode a few frames at a time. yuv420p needs even sizes, so an odd width or height is
+    padded by repeating the last column or row once (never resized, never cropped); the JSON's
+    ``video`` section records the encoded size. The JSON holds ``metadata`` plus that ``video``
+    section (which this module owns). On any failure nothing is left in ``out_dir`` and the
+    exception propagates.
+    """
+    if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps < 1:
+        raise ValueError(f"fps must be a positive integer, got {fps!r}")
+    fps = int(fps)
+    now = now or datetime.now()
+    frames = _iter_frames(frames_thwc_uint8)
+    # Serialize early: a metadata value json can't handle should fail before the encode.
+    json.dumps(metadata, ensure_ascii=False, default=_json_default)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    stem, lock = _reserve_stem(out_dir, now)
+    video_path = out_dir / f"{stem}.mp4"
+    json_path = out_dir / f"{stem}.json"
+    video_tmp = out_dir / f".{stem}.mp4.part"
+    json_tmp = out_dir / f".{stem}.json.part"
+    finished = False
+    try:
+        num_frames, (height, width), padded = _encode(frames, fps, video_tmp)
+        payload = dict(metadata)
+        payload["video"] = {
+            "file": video_path.name,
+            "created_at": now.isoformat(timespec="milliseconds"),
+            "fps": fps,
+            "num_frames": num_frames,
+            "width": width,
+            "height": height,
+            "codec": "h264",
+            "pix_fmt": PIX_FMT,
+            "padded_to_even": padded,
+        }
+        _write_text_atomic(
+            json_path,
+            json_tmp,
+            json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default) + "\n",
+        )
+        os.replace(video_tmp, video_path)
+        finished = True
+    finally:
+        if not finished:
+            for leftover in (video_tmp, json_tmp, json_path, video_path):
+                _unlink_quietly(leftover)
+        _unlink_quietly(lock)
+    logger.info("Wrote %s (%d frames, %dx%d, %d fps)", video_path, num_frames, width, height, fps)
+    return VideoFile(path=video_path, metadata_path=json_path)
+
+
+def list_videos(out_dir: Path, limit: int = 100) -> list[VideoEntry]:
+    """Finished videos in ``out_dir``, newest first (timestamp in the name, then mtime).
+
+    Reads only the folder, so it survives restarts. Hidden, temporary and foreign files are
+    skipped; a missing or corrupt JSON gives an empty metadata dict.
+    """
+    out_dir = Path(out_dir)
+    if limit <= 0 or not out_dir.is_dir():
+        return []
+    found: list[tuple[tuple[datetime, int, int], Path, datetime]] = []
+    for path in out_dir.iterdir():
+        match = _NAME_RE.match(path.name)
+        if match is None:
+            continue
+        created = _parse_name_time(match)
+        if created is None:
+            continue
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # deleted between listing and stat
+        suffix = int(match.group(4) or 1)
+        found.append(((created, stat.st_mtime_ns, suffix), path, created))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [
+        VideoEntry(
+            path=path,
+            metadata_path=path.with_suffix(".json"),
+            created=created,
+            metadata=read_metadata(path),
+        )
+        for _, path, created in found[:limit]
+    ]
+
+
+def read_metadata(video_path: Path) -> dict[str, Any]:
+    """The metadata JSON beside ``video_path``; an empty dict if it is missing or unreadable."""
+    json_path = Path(video_path).with_suffix(".json")
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("Ignoring unreadable metadata %s: %s", json_path, exc)
+        return {}
+    if not isinstance(data, dict):
+        logger.warning("Ignoring metadata %s: not a JSON object", json_path)
+        return {}
+    return data
+
+
+def _iter_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be (T, H, W, 3), got shape {frames.shape}")
+        if frames.shape[0] == 0:
+            raise ValueError("frames is empty: a video needs at least one frame")
+        if frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    return iter(frames)
+
+
+def _check_frame(frame: np.ndarray, expected_hw: tuple[int, int] | None) -> np.ndarray:
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+        raise ValueError(
+            f"each frame must be (H, W, 3) uint8, got shape {frame.shape} dtype {frame.dtype}"
+        )
+    if expected_hw is not None and frame.shape[:2] != expected_hw:
+        raise ValueError(f"frame size changed from {expected_hw} to {frame.shape[:2]}")
+    return frame
+
+
+def _encode(
+    frames: Iterator[np.ndarray], fps: int, tmp_path: Path
+) -> tuple[int, tuple[int, int], bool]:
+    """Stream HWC frames into ffmpeg; returns (frames written, encoded (H, W), padded?)."""
+    first = next(frames, None)
+    if first is None:
+        raise ValueError("frames is empty: a video needs at least one frame")
+    first = _check_frame(first, None)
+    src_hw = first.shape[:2]
+    pad_h, pad_w = src_hw[0] % 2, src_hw[1] % 2
+    height, width = src_hw[0] + pad_h, src_hw[1] + pad_w
+
+    writer = imageio_ffmpeg.write_frames(
+        tmp_path,
+        (width, height),
+        pix_fmt_in="rgb24",
+        pix_fmt_out=PIX_FMT,
+        fps=fps,
+        codec=CODEC,
+        quality=None,  # we pass our own -crf below
+        macro_block_size=1,  # sizes are already even; never let imageio-ffmpeg rescale
+        ffmpeg_log_level="error",
+        # The temp name ends in .part, so the muxer must be named explicitly.
+        output_params=["-crf", str(CRF), "-preset", PRESET, "-movflags", "+faststart", "-f", "mp4"],
+    )
+    count = 0
+    try:
+        writer.send(None)
+        frame: np.ndarray | None = first
+        while frame is not None:
+            if pad_h or pad_w:
+                frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            writer.send(np.ascontiguousarray(frame))
+            count += 1
+            nxt = next(frames, None)
+            frame = None if nxt is None else _check_frame(nxt, src_hw)
+    finally:
+        # Waits for ffmpeg to exit, so the temp file is released before anyone unlinks it.
+        writer.close()
+    if not _is_complete_mp4(tmp_path):
+        raise RuntimeError(
+            f"ffmpeg ({imageio_ffmpeg.get_ffmpeg_exe()}) did not produce a complete MP4; "
+            "see its error output above"
+        )
+    return count, (height, width), bool(pad_h or pad_w)
+
+
+def _is_complete_mp4(path: Path) -> bool:
+    """True if the file's top-level boxes include both 'moov' and 'mdat' (ffmpeg finished)."""
+    try:
+        size = path.stat().st_size
+        seen: set[bytes] = set()
+        with path.open("rb") as f:
+            offset = 0
+            while offset + 8 <= size:
+                f.seek(offset)
+                header = f.read(16)
+                box_size = int.from_bytes(header[:4], "big")
+                seen.add(header[4:8])
+                if box_size == 1:
+                    box_size = int.from_bytes(header[8:16], "big")
+                elif box_size == 0:
+                    break  # box runs to end of file
+                if box_size < 8:
+                    return False
+                offset += box_size
+        return {b"moov", b"mdat"} <= seen
+    except OSError:
+        return False
+
+
+def _reserve_stem(out_dir: Path, now: datetime) -> tuple[str, Path]:
+    """Atomically claim a free stem; returns it and the lock file to remove when done."""
+    base = f"video_{now:%Y%m%d_%H%M%S}_{now.microsecond // 1000:03d}"
+    for n in range(1, _MAX_SUFFIX):
+        stem = base if n == 1 else f"{base}_{n}"
+        lock = out_dir / f".{stem}.lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        # A finished video under this stem may exist from an earlier run (its lock is gone).
+        if (out_dir / f"{stem}.mp4").exists() or (out_dir / f"{stem}.json").exists():
+            _unlink_quietly(lock)
+            continue
+        return stem, lock
+    raise RuntimeError(f"No free video name for {base} in {out_dir}")
+
+
+def _write_text_atomic(path: Path, tmp_path: Path, text: str) -> None:
+    with tmp_path.open("w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("Could not remove %s: %s", path, exc)
+
+
+def _parse_name_time(match: re.Match[str]) -> datetime | None:
+    day, hms, ms = match.group(1), match.group(2), match.group(3)
+    try:
+        return datetime.strptime(day + hms, "%Y%m%d%H%M%S").replace(microsecond=int(ms) * 1000)
+    except ValueError:
+        return None
+
+
+def _json_default(value: Any) -> Any:
+    """Make paths, dates and numpy values JSON-friendly instead of failing after an encode."""
+    if isinstance(value, Path):
+        return value.as_posix()
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON serializable")
