@@ -80,7 +80,7 @@ class Limits:
     max_prompt_chars: int = field(default=2000, metadata={"min": 1})
     max_upload_mb: int = field(default=50, metadata={"min": 1})
     max_image_side: int = field(default=2048, metadata={"min": 64})
-    max_image_pixels: int = field(default=200_000_000, metadata={"min": 1})
+    max_image_pixels: int = field(default=150_000_000, metadata={"min": 1})
 
 
 @dataclass

@@ -167,6 +167,15 @@ def read_metadata(video_path: Path) -> dict[str, Any]:
     return data
 
 
+def update_metadata(video: VideoFile, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into a video's JSON, atomically (used to add the write time afterwards)."""
+    payload = {**read_metadata(video.path), **updates}
+    tmp = video.metadata_path.with_name(f".{video.metadata_path.name}.part")
+    _write_text_atomic(video.metadata_path, tmp,
+                       json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default) + "\n")
+    return payload
+
+
 def _iter_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4 or frames.shape[-1] != 3:

@@ -127,7 +127,7 @@ class I2VGenXLSampler:
         """Move every module to the device, or keep them on the CPU in low-VRAM (offload) mode."""
         target = torch.device("cpu") if self.offload else self.device
         for module in self.c.modules.values():
-            module.to(device=target, dtype=self.dtype)
+            module.to(target)
         self._placed = True
 
     @contextlib.contextmanager

@@ -1,0 +1,290 @@
+"""GenerationService: validate a request, run one GPU job at a time, write the MP4, free memory.
+
+The UI, the CLI and (later) a Celery worker all talk to this one interface. The engine is built
+by a loader function passed in, so tests can swap in fakes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+import app
+from app.config import Settings
+from app.engine import device as gpu
+from app.engine.imageops import center_crop_resize
+from app.engine.loader import LoadedEngine
+from app.engine.sampler import CLIP_MAX_TOKENS, I2VGenXLSampler, Progress, SampleRequest
+from app.errors import AppError, CancelledError, InputError, ModelNotReadyError, OutOfMemoryError
+from app.inputs import check_params, check_prompt, load_image
+from app.video import VideoEntry, list_videos, update_metadata, write_video
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    MISSING = "missing"
+    ERROR = "error"
+
+
+@dataclass
+class Message:
+    """A bilingual note for the user (a warning in a result, a status line)."""
+
+    en: str
+    zh: str
+
+    def text(self, lang: str = "en") -> str:
+        return self.zh if lang.lower().startswith("zh") else self.en
+
+
+@dataclass
+class GenerationRequest:
+    """What a user asks for. Unset numbers come from the preset, then the config defaults."""
+
+    image: Any
+    prompt: Any
+    negative_prompt: Any = None
+    resolution: Any = None
+    num_frames: Any = None
+    fps: Any = None
+    steps: Any = None
+    guidance_scale: Any = None
+    seed: Any = None
+    preset: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    video_path: Path
+    metadata_path: Path
+    metadata: dict
+    seed: int
+    timings_s: dict[str, float]
+    peak_vram_gib: float | None
+    warnings: list[Message] = field(default_factory=list)
+
+
+EngineLoader = Callable[[], LoadedEngine]
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"app": app.__version__, "python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "gradio", "imageio-ffmpeg"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+class GenerationService:
+    """Owns the engine and the GPU. Thread-safe: concurrent callers queue on one lock."""
+
+    def __init__(self, settings: Settings, engine_loader: EngineLoader):
+        self.settings = settings
+        self._engine_loader = engine_loader
+        self._engine: LoadedEngine | None = None
+        self._state = ModelState.LOADING
+        self._state_message = Message("Model loading…", "模型加载中…")
+        self._ready = threading.Event()
+        self._gpu_lock = threading.Lock()
+        self._load_thread: threading.Thread | None = None
+
+    # Model lifecycle -----------------------------------------------------------------------------
+    def start_loading(self) -> threading.Thread:
+        """Load the model in a background thread, so the UI can answer at once."""
+        if self._load_thread is None:
+            self._load_thread = threading.Thread(target=self.load, name="model-loader", daemon=True)
+            self._load_thread.start()
+        return self._load_thread
+
+    def load(self) -> None:
+        """Load the model in this thread; the outcome is kept in state() rather than raised."""
+        started = time.perf_counter()
+        try:
+            engine = self._engine_loader()
+        except AppError as exc:
+            self._engine = None
+            self._state = ModelState.MISSING if exc.exit_code == 3 else ModelState.ERROR
+            self._state_message = Message(exc.en, exc.zh)
+            log.warning("model not loaded: %s", exc.en)
+        except Exception as exc:  # keep the app up and say why; the trace goes to the log
+            log.exception("model failed to load")
+            self._engine = None
+            self._state = ModelState.ERROR
+            self._state_message = Message(f"The model failed to load: {type(exc).__name__}: {exc}",
+                                          f"模型加载失败:{type(exc).__name__}: {exc}")
+        else:
+            self._engine = engine
+            self._state = ModelState.READY
+            took = time.perf_counter() - started
+            if engine.demo:
+                self._state_message = Message(f"Demo model ready ({took:.1f} s); its videos are noise.",
+                                              f"演示模型就绪({took:.1f} 秒),输出为噪声。")
+            else:
+                self._state_message = Message(f"Model ready: {engine.model_id} ({took:.1f} s)",
+                                              f"模型就绪:{engine.model_id}({took:.1f} 秒)")
+            log.info("model %s ready on %s in %.1f s", engine.model_id, engine.device, took)
+        finally:
+            self._ready.set()
+
+    def wait_until_loaded(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def state(self) -> ModelState:
+        return self._state
+
+    @property
+    def engine(self) -> LoadedEngine | None:
+        return self._engine
+
+    def status(self) -> dict[str, Any]:
+        """Model state and GPU memory, for the status bar and `diagnose`."""
+        engine = self._engine
+        info: dict[str, Any] = {
+            "state": self._state.value,
+            "message": self._state_message,
+            "demo": bool(engine and engine.demo),
+            "model": engine.model_id if engine else self.settings.model.source,
+            "device": str(engine.device) if engine else self.settings.model.device,
+            "low_vram": bool(engine and engine.offload),
+            "busy": self._gpu_lock.locked(),
+        }
+        vram = gpu.vram_info(engine.device) if engine else None
+        if vram:
+            info.update(gpu_name=vram.name, vram_total_gib=vram.total_gib, vram_free_gib=vram.free_gib,
+                        vram_used_by_app_gib=vram.used_by_app_gib)
+        return info
+
+    # Validation ----------------------------------------------------------------------------------
+    def resolve(self, req: GenerationRequest) -> tuple[Image.Image, SampleRequest, list[Message], bool]:
+        """Validate everything on the CPU. Returns the image, the engine request, warnings, random-seed flag."""
+        s = self.settings
+        preset = None
+        if req.preset:
+            if req.preset not in s.presets:
+                raise InputError(f"Unknown preset {req.preset!r}; use one of {', '.join(s.presets)}.",
+                                 f"未知预设 {req.preset!r};可选:{', '.join(s.presets)}。")
+            preset = s.presets[req.preset]
+        base = preset or s.defaults
+
+        def pick(value: Any, name: str) -> Any:
+            return getattr(base, name) if value is None else value
+
+        prompt = check_prompt(req.prompt, s.limits)
+        negative = check_prompt(s.defaults.negative_prompt if req.negative_prompt is None else req.negative_prompt,
+                                s.limits, name="negative_prompt", allow_empty=True)
+        params = check_params(resolution=pick(req.resolution, "resolution"),
+                              num_frames=pick(req.num_frames, "num_frames"), fps=pick(req.fps, "fps"),
+                              steps=pick(req.steps, "steps"), guidance_scale=pick(req.guidance_scale, "guidance_scale"),
+                              seed=s.defaults.seed if req.seed is None else req.seed, limits=s.limits)
+        image = load_image(req.image, s.limits)
+        warnings: list[Message] = []
+        engine = self._engine
+        if engine is not None:
+            tokens = engine.sampler.count_tokens(prompt)
+            if tokens > CLIP_MAX_TOKENS:
+                warnings.append(Message(
+                    f"The prompt has {tokens} tokens; CLIP reads only the first {CLIP_MAX_TOKENS}, the rest was ignored.",
+                    f"提示词共 {tokens} 个 token,CLIP 只读取前 {CLIP_MAX_TOKENS} 个,其余部分被忽略。"))
+        sample = SampleRequest(image=image, prompt=prompt, negative_prompt=negative, height=params.resolution,
+                               width=params.resolution, num_frames=params.num_frames, fps=params.fps,
+                               steps=params.steps, guidance_scale=params.guidance_scale, seed=params.seed,
+                               decode_chunk_size=s.defaults.decode_chunk_size)
+        return image, sample, warnings, params.seed_was_random
+
+    def preview_crop(self, image: Any, resolution: int) -> Image.Image:
+        """The centre crop the model will actually see, for the UI's preview."""
+        img = load_image(image, self.settings.limits)
+        return center_crop_resize(img, resolution, resolution)
+
+    # Generation ----------------------------------------------------------------------------------
+    def generate(self, req: GenerationRequest, *, on_progress: Callable[[Progress], None] | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """Validate, wait for the GPU, sample, write the MP4 and its JSON. Frees GPU memory however it ends."""
+        image, sample, warnings, seed_random = self.resolve(req)
+        if not self._ready.is_set():
+            log.info("waiting for the model to finish loading")
+            self._ready.wait()
+        engine = self._engine
+        if engine is None:
+            raise ModelNotReadyError(self._state_message.en, self._state_message.zh)
+        if cancel is not None and cancel.is_set():
+            raise CancelledError()
+        with self._gpu_lock:
+            started = time.perf_counter()
+            try:
+                gpu.reset_peak(engine.device)
+                result = engine.sampler(sample, on_progress=on_progress, cancel=cancel)
+                peak = gpu.peak_gib(engine.device)
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError()
+            except AppError:
+                raise
+            except Exception as exc:  # only OOM is translated; anything else keeps its trace
+                if gpu.is_out_of_memory(exc):
+                    log.warning("CUDA out of memory at %sp x %d frames", sample.width, sample.num_frames)
+                    raise OutOfMemoryError(
+                        f"Out of GPU memory at {sample.width}p × {sample.num_frames} frames. Lower the resolution "
+                        "or the number of frames, close other programs that use the GPU, or start with the "
+                        "low-VRAM mode (set model.low_vram: on in configs/config.yaml, or I2V_MODEL__LOW_VRAM=on).",
+                        f"显存不足({sample.width}p × {sample.num_frames} 帧)。请降低分辨率或帧数,关闭其他占用 GPU 的程序,"
+                        "或启用低显存模式(在 configs/config.yaml 中设置 model.low_vram: on,或设置环境变量 I2V_MODEL__LOW_VRAM=on)。"
+                    ) from None
+                raise
+            finally:
+                gpu.release_memory()
+            write_start = time.perf_counter()
+            timings = dict(result.timings_s)
+            metadata = {
+                "prompt": sample.prompt,
+                "negative_prompt": sample.negative_prompt,
+                "resolution": sample.width,
+                "width": sample.width,
+                "height": sample.height,
+                "num_frames": sample.num_frames,
+                "fps": sample.fps,
+                "steps": sample.steps,
+                "guidance_scale": sample.guidance_scale,
+                "seed": sample.seed,
+                "seed_was_random": seed_random,
+                "preset": req.preset,
+                "model": {"id": engine.model_id, "revision": engine.revision, "demo": engine.demo},
+                "device": str(engine.device),
+                "dtype": engine.dtype_name,
+                "low_vram": engine.offload,
+                "input_image_size": list(image.size),
+                "prompt_truncated": result.prompt_truncated,
+                "warnings": [w.en for w in warnings],
+                "peak_vram_gib": None if peak is None else round(peak, 3),
+                "versions": _library_versions(),
+                "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+            }
+            video = write_video(result.frames_thwc_uint8, sample.fps, self.settings.path("outputs"),
+                                {**metadata, "timings_s": timings})
+            timings["write"] = time.perf_counter() - write_start
+            timings["total"] = time.perf_counter() - started
+            metadata["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+            update_metadata(video, {"timings_s": metadata["timings_s"]})
+        log.info("wrote %s (seed %d, %.1f s)", video.path.name, sample.seed, timings["total"])
+        return GenerationResult(video_path=video.path, metadata_path=video.metadata_path, metadata=metadata,
+                                seed=sample.seed, timings_s=metadata["timings_s"], peak_vram_gib=peak,
+                                warnings=warnings)
+
+    def history(self, limit: int = 50) -> list[VideoEntry]:
+        return list_videos(self.settings.path("outputs"), limit=limit)
