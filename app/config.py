@@ -123,6 +123,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     presets: dict[str, Preset] = field(default_factory=_default_presets)
+    demo: Preset = field(default_factory=lambda: Preset(128, 8, 8, 10, 9.0))
     limits: Limits = field(default_factory=Limits)
     server: ServerSettings = field(default_factory=ServerSettings)
     paths: PathSettings = field(default_factory=PathSettings)
@@ -209,24 +210,25 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return dataclasses.replace(cls(), **values)
 
 
+def _build_preset(key: str, body: Any) -> Preset:
+    if not isinstance(body, Mapping):
+        raise ConfigError(f"{key}: expected a mapping, got {body!r}")
+    fields = {f.name: f for f in dataclasses.fields(Preset)}
+    missing = sorted(set(fields) - set(body))
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown setting; allowed keys are {', '.join(sorted(fields))}")
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]}: missing; a preset needs {', '.join(sorted(fields))}")
+    return Preset(**{k: _coerce(f"{key}.{k}", v, fields[k]) for k, v in body.items()})
+
+
 def _build_presets(raw: Any) -> dict[str, Preset]:
     if raw is None:
         return _default_presets()
     if not isinstance(raw, Mapping) or not raw:
         raise ConfigError(f"presets: expected a non-empty mapping of named presets, got {raw!r}")
-    out = {}
-    fields = {f.name: f for f in dataclasses.fields(Preset)}
-    for name, body in raw.items():
-        if not isinstance(body, Mapping):
-            raise ConfigError(f"presets.{name}: expected a mapping, got {body!r}")
-        missing = sorted(set(fields) - set(body))
-        unknown = sorted(set(body) - set(fields))
-        if unknown:
-            raise ConfigError(f"presets.{name}.{unknown[0]}: unknown setting; allowed keys are {', '.join(sorted(fields))}")
-        if missing:
-            raise ConfigError(f"presets.{name}.{missing[0]}: missing; a preset needs {', '.join(sorted(fields))}")
-        out[str(name)] = Preset(**{k: _coerce(f"presets.{name}.{k}", v, fields[k]) for k, v in body.items()})
-    return out
+    return {str(name): _build_preset(f"presets.{name}", body) for name, body in raw.items()}
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -261,18 +263,18 @@ def _check_consistency(s: Settings) -> None:
         ("defaults.steps", d.steps, lim.min_steps, lim.max_steps),
         ("defaults.guidance_scale", d.guidance_scale, lim.min_guidance_scale, lim.max_guidance_scale),
     ]
-    for name, p in s.presets.items():
+    for prefix, p in [*((f"presets.{n}", p) for n, p in s.presets.items()), ("demo", s.demo)]:
         checks += [
-            (f"presets.{name}.resolution", p.resolution, lim.min_resolution, lim.max_resolution),
-            (f"presets.{name}.num_frames", p.num_frames, lim.min_frames, lim.max_frames),
-            (f"presets.{name}.fps", p.fps, lim.min_fps, lim.max_fps),
-            (f"presets.{name}.steps", p.steps, lim.min_steps, lim.max_steps),
-            (f"presets.{name}.guidance_scale", p.guidance_scale, lim.min_guidance_scale, lim.max_guidance_scale),
+            (f"{prefix}.resolution", p.resolution, lim.min_resolution, lim.max_resolution),
+            (f"{prefix}.num_frames", p.num_frames, lim.min_frames, lim.max_frames),
+            (f"{prefix}.fps", p.fps, lim.min_fps, lim.max_fps),
+            (f"{prefix}.steps", p.steps, lim.min_steps, lim.max_steps),
+            (f"{prefix}.guidance_scale", p.guidance_scale, lim.min_guidance_scale, lim.max_guidance_scale),
         ]
     for key, value, lo, hi in checks:
         if not lo <= value <= hi:
             raise ConfigError(f"{key}: {value!r} is outside the limits; allowed is {lo} to {hi}")
-    for key, value in [("defaults.resolution", d.resolution)] + [
+    for key, value in [("defaults.resolution", d.resolution), ("demo.resolution", s.demo.resolution)] + [
         (f"presets.{n}.resolution", p.resolution) for n, p in s.presets.items()
     ]:
         if value % lim.resolution_multiple:
@@ -302,9 +304,9 @@ def load_settings(
         raise ConfigError(f"config file {path}: not valid YAML{where}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top")
-    unknown = sorted(set(raw) - set(SECTIONS) - {"presets"})
+    unknown = sorted(set(raw) - set(SECTIONS) - {"presets", "demo"})
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; allowed are {', '.join(list(SECTIONS) + ['presets'])}")
+        raise ConfigError(f"{unknown[0]}: unknown section; allowed are {', '.join(list(SECTIONS) + ['presets', 'demo'])}")
 
     merged: dict[str, dict[str, Any]] = {name: dict(raw.get(name) or {}) for name in SECTIONS}
     for layer in (_env_overrides(environ), overrides or {}):
@@ -314,6 +316,7 @@ def load_settings(
             merged[section].update({k: v for k, v in values.items() if v is not None})
 
     built = {name: _build_section(name, cls, merged[name]) for name, cls in SECTIONS.items()}
-    settings = Settings(presets=_build_presets(raw.get("presets")), root=root or PROJECT_ROOT, **built)
+    demo = _build_preset("demo", raw["demo"]) if raw.get("demo") is not None else Preset(128, 8, 8, 10, 9.0)
+    settings = Settings(presets=_build_presets(raw.get("presets")), demo=demo, root=root or PROJECT_ROOT, **built)
     _check_consistency(settings)
     return settings

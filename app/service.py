@@ -171,6 +171,10 @@ class GenerationService:
                         vram_used_by_app_gib=vram.used_by_app_gib)
         return info
 
+    def default_params(self) -> Any:
+        """Where unset values come from: the demo defaults with the demo model, else the config's defaults."""
+        return self.settings.demo if self._engine is not None and self._engine.demo else self.settings.defaults
+
     # Validation ----------------------------------------------------------------------------------
     def resolve(self, req: GenerationRequest) -> tuple[Image.Image, SampleRequest, list[Message], bool]:
         """Validate everything on the CPU. Returns the image, the engine request, warnings, random-seed flag."""
@@ -181,7 +185,7 @@ class GenerationService:
                 raise InputError(f"Unknown preset {req.preset!r}; use one of {', '.join(s.presets)}.",
                                  f"未知预设 {req.preset!r};可选:{', '.join(s.presets)}。")
             preset = s.presets[req.preset]
-        base = preset or s.defaults
+        base = preset or self.default_params()
 
         def pick(value: Any, name: str) -> Any:
             return getattr(base, name) if value is None else value
