@@ -308,6 +308,9 @@ def load_settings(
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; allowed are {', '.join(list(SECTIONS) + ['presets', 'demo'])}")
 
+    for name in SECTIONS:
+        if raw.get(name) is not None and not isinstance(raw[name], Mapping):
+            raise ConfigError(f"{name}: expected a mapping of settings, got {raw[name]!r}")
     merged: dict[str, dict[str, Any]] = {name: dict(raw.get(name) or {}) for name in SECTIONS}
     for layer in (_env_overrides(environ), overrides or {}):
         for section, values in layer.items():

@@ -27,7 +27,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # PyPI's torch for Windows is CPU-only; PyTorch's own index has the CUDA builds.
 CUDA_INDEX_URL = "https://download.pytorch.org/whl/cu128"
 DEFAULT_HUB_ID = "ali-vilab/i2vgen-xl"
-# The fp16 weights are about 5 GB; the rest is room for the download's temp files and compile caches.
+# The fp16 weights take several GB; the rest is room for the download's temp files and compile caches.
 MODEL_DISK_GIB = 10.0
 OUTPUTS_DISK_GIB = 1.0
 # Below this much VRAM the app switches to its low-VRAM mode (configs/config.yaml, model.low_vram_threshold_gib).
@@ -350,9 +350,10 @@ class Facts:
 
 @dataclass
 class Finding:
-    """One line of the verdict. level: 'problem' (blocks the real model), 'warning' or 'info'."""
+    """One line of the verdict. level: 'problem' (blocks the real model), 'warning' or 'info'; key names the case."""
 
     level: str
+    key: str
     en: str
     zh: str
     fix: str | None = None
@@ -382,30 +383,30 @@ def assess(facts: Facts) -> list[Finding]:
 
     if facts.wsl == 1:
         out.append(Finding(
-            "problem", "This is WSL1, which has no GPU access.", "当前是 WSL1,无法使用 GPU。",
+            "problem", "wsl1", "This is WSL1, which has no GPU access.", "当前是 WSL1,无法使用 GPU。",
             "In Windows PowerShell run `wsl --set-version <distro> 2` (see `wsl -l -v`), then reopen the distro."))
     elif facts.wsl == 2:
         out.append(Finding(
-            "info", "WSL2: the GPU is reached through the Windows NVIDIA driver (the WSL CUDA driver).",
+            "info", "wsl2", "WSL2: the GPU is reached through the Windows NVIDIA driver (the WSL CUDA driver).",
             "WSL2:GPU 通过 Windows 的 NVIDIA 驱动 (WSL CUDA 驱动) 访问。"))
 
     if torch is not None and not torch.get("installed"):
         why = torch.get("error") or "not installed"
         out.append(Finding(
-            "problem", f"torch cannot be imported ({why}).", f"无法导入 torch ({why})。",
+            "problem", "torch-missing", f"torch cannot be imported ({why}).", f"无法导入 torch ({why})。",
             "Run start_app again: it installs the app and torch into .venv."
             + (" If it says a DLL failed to load, install the Microsoft Visual C++ Redistributable (x64)"
                " from https://aka.ms/vs/17/release/vc_redist.x64.exe." if facts.is_windows else "")))
 
     if gpus and torch is not None and cpu_only_torch_with_nvidia_gpu(torch, gpus):
         out.append(Finding(
-            "problem", f"torch {torch.get('version')} is a CPU-only build, but this PC has an NVIDIA GPU ({gpus[0].name}).",
+            "problem", "cpu-only-torch", f"torch {torch.get('version')} is a CPU-only build, but this PC has an NVIDIA GPU ({gpus[0].name}).",
             f"torch {torch.get('version')} 是仅 CPU 版本,但本机有 NVIDIA GPU ({gpus[0].name})。",
             reinstall))
     elif gpus and torch is not None and torch.get("installed") and torch.get("cuda") and not torch.get("available"):
         driver_cuda = facts.smi.cuda_version or "?"
         out.append(Finding(
-            "problem", f"torch is built for CUDA {torch.get('cuda')}, but it cannot use the GPU"
+            "problem", "cuda-unavailable", f"torch is built for CUDA {torch.get('cuda')}, but it cannot use the GPU"
                        f" (the driver supports CUDA {driver_cuda}){': ' + torch['error'] if torch.get('error') else ''}.",
             f"torch 为 CUDA {torch.get('cuda')} 构建,但无法使用 GPU (驱动支持 CUDA {driver_cuda})。",
             "Update the NVIDIA driver (https://www.nvidia.com/Download/index.aspx)"
@@ -414,39 +415,39 @@ def assess(facts: Facts) -> list[Finding]:
     if facts.smi.error:
         fix = ("Reinstall or update the NVIDIA Windows driver, then run `wsl --shutdown` in PowerShell and reopen WSL."
                if facts.wsl else "Reinstall or update the NVIDIA driver, then reboot.")
-        out.append(Finding("problem", facts.smi.error, f"nvidia-smi 出错:{facts.smi.error}", fix))
+        out.append(Finding("problem", "nvidia-smi-failed", facts.smi.error, f"nvidia-smi 出错:{facts.smi.error}", fix))
     elif not gpus:
         if facts.wsl == 2:
             out.append(Finding(
-                "warning", "No NVIDIA GPU is visible inside WSL2.", "WSL2 中看不到 NVIDIA GPU。",
+                "warning", "wsl-no-gpu", "No NVIDIA GPU is visible inside WSL2.", "WSL2 中看不到 NVIDIA GPU。",
                 "Install the NVIDIA driver for Windows (Game Ready or Studio, with WSL support) on the Windows side,"
                 " then run `wsl --update` and `wsl --shutdown` in PowerShell. Do not install a Linux NVIDIA driver inside WSL."
                 + ("" if facts.wsl_gpu_bridge else " (/dev/dxg is missing: the WSL GPU bridge is not active.)")))
         else:
             out.append(Finding(
-                "warning", "No NVIDIA GPU found: the real model is far too slow on a CPU.",
+                "warning", "no-gpu", "No NVIDIA GPU found: the real model is far too slow on a CPU.",
                 "未检测到 NVIDIA GPU:真实模型在 CPU 上太慢。",
                 "Use an NVIDIA GPU with a current driver, or try the demo model: --model tiny (output is noise)."))
 
     for gpu in gpus:
         if gpu.total_gib is not None and gpu.total_gib < LOW_VRAM_GIB:
             out.append(Finding(
-                "warning", f"{gpu.name} has {gpu.total_gib:.1f} GiB of VRAM: the app will use its low-VRAM mode (slower).",
+                "warning", "low-vram", f"{gpu.name} has {gpu.total_gib:.1f} GiB of VRAM: the app will use its low-VRAM mode (slower).",
                 f"{gpu.name} 显存 {gpu.total_gib:.1f} GiB:将使用低显存模式 (较慢)。",
                 "Prefer the fast preset (512p, 16 frames); high quality (768p, 24 frames) may run out of GPU memory."))
 
     if facts.model_found is None and facts.models_dir is not None:
         if facts.models_free is not None and facts.models_free < MODEL_DISK_GIB * 1024**3:
             out.append(Finding(
-                "problem", f"Only {gib(facts.models_free)} free for models/; the model needs about {MODEL_DISK_GIB:.0f} GiB.",
+                "problem", "disk-models", f"Only {gib(facts.models_free)} free for models/; the model needs about {MODEL_DISK_GIB:.0f} GiB.",
                 f"models/ 所在磁盘仅剩 {gib(facts.models_free)},模型需要约 {MODEL_DISK_GIB:.0f} GiB。",
                 "Free some disk space, or point paths.models in configs/config.yaml to a bigger disk."))
         out.append(Finding(
-            "warning", "The I2VGen-XL weights are not downloaded yet.", "未找到模型 (I2VGen-XL 权重尚未下载)。",
+            "warning", "model-missing", "The I2VGen-XL weights are not downloaded yet.", "未找到模型 (I2VGen-XL 权重尚未下载)。",
             f"{py} -m app download   (or start the demo model: --model tiny, output is noise)"))
     if facts.outputs_free is not None and facts.outputs_free < OUTPUTS_DISK_GIB * 1024**3:
         out.append(Finding(
-            "warning", f"Only {gib(facts.outputs_free)} free for outputs/.", f"outputs/ 所在磁盘仅剩 {gib(facts.outputs_free)}。",
+            "warning", "disk-outputs", f"Only {gib(facts.outputs_free)} free for outputs/.", f"outputs/ 所在磁盘仅剩 {gib(facts.outputs_free)}。",
             "Delete old videos from outputs/, or point paths.outputs in configs/config.yaml to a bigger disk."))
 
     order = {"problem": 0, "warning": 1, "info": 2}
@@ -495,8 +496,8 @@ def render(facts: Facts, findings: Sequence[Finding]) -> str:
     if problems:
         lines.append(f"[ERROR] 结论 / Verdict: {problems} problem(s) found; fix them as shown above.")
     else:
-        lines.append("[SUCCESS] 结论 / Verdict: ready (就绪)"
-                     + (" · see the warnings above" if any(f.level == "warning" for f in findings) else ""))
+        warnings = sum(f.level == "warning" for f in findings)
+        lines.append("[SUCCESS] 结论 / Verdict: ready (就绪)" + (f" · {warnings} warning(s) above" if warnings else ""))
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ def _too_large_error(what: str, limit: str) -> InputError:
 def load_image(source: Any, limits: Limits) -> Image.Image:
     """Decode an upload (path, bytes, PIL image or HxWxC array) into an RGB image no larger than
     limits.max_image_side, honouring EXIF rotation."""
-    if source is None or (isinstance(source, (str, bytes)) and not source):
+    if source is None or (isinstance(source, str) and not source.strip()):
         raise InputError("Please upload an input image.", "请上传输入图片。")
     if isinstance(source, Image.Image):
         img = source

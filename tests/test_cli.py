@@ -1,0 +1,112 @@
+"""`python -m app`: the generate command end to end, and its documented exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from mp4probe import probe
+from PIL import Image
+
+from app import cli
+from app.logging_setup import remove_logging
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def env_dirs(tmp_path, monkeypatch):
+    """Point outputs/, logs/ and models/ at a temp folder, for in-process and child runs alike."""
+    dirs = {name: tmp_path / name for name in ("outputs", "logs", "models")}
+    for name, path in dirs.items():
+        monkeypatch.setenv(f"I2V_PATHS__{name.upper()}", str(path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield dirs
+    remove_logging()
+
+
+@pytest.fixture
+def input_png(tmp_path, image_rgb) -> Path:
+    path = tmp_path / "输入 图片.png"
+    Image.fromarray(image_rgb).save(path)
+    return path
+
+
+def test_generate_tiny_writes_mp4_and_prints_its_path(env_dirs, input_png):
+    """The issue's own command, in a child process, as a user runs it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "app", "generate", "--model", "tiny", "--image", str(input_png),
+         "--prompt", "a cat walking", "--resolution", "64", "--frames", "4", "--steps", "2", "--fps", "6"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )
+    assert out.returncode == 0, out.stderr
+    video = Path(out.stdout.strip().splitlines()[-1])
+    assert video.parent == env_dirs["outputs"] and video.suffix == ".mp4"
+    info = probe(video)
+    assert (info["codec"], info["pix_fmt"], info["nb_frames"], info["fps"]) == ("h264", "yuv420p", 4, 6)
+    assert video.with_suffix(".json").is_file()
+    assert "denoise" in out.stderr  # the progress bar
+    assert "demo model" in out.stderr
+    assert list(env_dirs["logs"].glob("app_*.log"))
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_exit_code_bad_input(env_dirs, input_png, capsys, tmp_path):
+    code, text = _run(capsys, "generate", "--model", "tiny", "--image", str(input_png), "--prompt", "x",
+                      "--resolution", "1024")
+    assert code == 2 and "resolution is 1024, outside the allowed range 64–768" in text
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    code, text = _run(capsys, "generate", "--model", "tiny", "--image", str(empty), "--prompt", "x")
+    assert code == 2 and "empty (0 bytes)" in text
+    assert list(env_dirs["outputs"].glob("*")) == []
+
+
+def test_exit_code_model_missing(env_dirs, input_png, capsys):
+    code, text = _run(capsys, "generate", "--offline", "--image", str(input_png), "--prompt", "a cat")
+    assert code == 3
+    assert "python -m app download" in text and "--model tiny" in text
+
+
+def test_exit_code_out_of_memory(env_dirs, input_png, capsys, monkeypatch, tiny_engine):
+    class OOMSampler:
+        def count_tokens(self, prompt):
+            return 3
+
+        def __call__(self, *a, **k):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    import app.engine.loader as loader
+
+    monkeypatch.setattr(loader, "load_engine", lambda *a, **k: replace(tiny_engine, sampler=OOMSampler()))
+    code, text = _run(capsys, "generate", "--image", str(input_png), "--prompt", "a cat", "--resolution", "64")
+    assert code == 4 and "Out of GPU memory" in text and "low-VRAM" in text
+
+
+def test_exit_code_config_error(env_dirs, input_png, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  port: -5\n", encoding="utf-8")
+    code, text = _run(capsys, "generate", "--config", str(bad), "--image", str(input_png), "--prompt", "x")
+    assert code == 6 and "server.port: -5 is too small; the minimum is 1" in text
+
+
+def test_download_offline_exit_code(env_dirs, capsys):
+    code, text = _run(capsys, "download", "--offline")
+    assert code == 3 and "Offline mode" in text
+
+
+def test_help_documents_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "4 out of GPU memory" in text and "3 model missing" in text

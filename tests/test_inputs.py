@@ -1,0 +1,148 @@
+"""Request validation: every kind of bad image and bad number gets a clear, bilingual error."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.config import Limits
+from app.errors import InputError
+from app.inputs import check_params, check_prompt, load_image
+
+LIMITS = Limits()
+
+
+def _png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _errors(fn, *args, **kw) -> InputError:
+    with pytest.raises(InputError) as info:
+        fn(*args, **kw)
+    return info.value
+
+
+def test_rgba_is_composited_on_white():
+    img = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    img.putpixel((0, 0), (0, 0, 255, 255))
+    out = load_image(_png_bytes(img), LIMITS)
+    assert out.mode == "RGB"
+    assert out.getpixel((5, 5)) == (255, 255, 255)  # fully transparent becomes white, not black or red
+    assert out.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_palette_grayscale_cmyk_and_16bit_become_rgb():
+    pal = Image.new("P", (8, 8))
+    pal.putpalette([0, 200, 0] * 256)
+    assert load_image(_png_bytes(pal), LIMITS).getpixel((1, 1)) == (0, 200, 0)
+    gray = Image.new("L", (8, 8), 77)
+    assert load_image(_png_bytes(gray), LIMITS).getpixel((1, 1)) == (77, 77, 77)
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+    r, g, b = load_image(_png_bytes(cmyk, "JPEG"), LIMITS).getpixel((4, 4))
+    assert r > 200 and g < 60 and b < 60
+    deep = Image.fromarray(np.full((8, 8), 65535 // 2, np.uint16))
+    assert deep.mode.startswith("I;16")
+    value = load_image(_png_bytes(deep), LIMITS).getpixel((1, 1))
+    assert 120 <= value[0] <= 135 and value[0] == value[1] == value[2]
+
+
+def test_exif_rotation_is_applied():
+    img = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    out = load_image(_png_bytes(img, "JPEG", exif=exif), LIMITS)
+    assert out.size == (20, 40)
+
+
+def test_huge_image_is_downscaled_not_refused():
+    big = Image.new("L", (10000, 10000), 128)
+    out = load_image(_png_bytes(big), LIMITS)
+    assert max(out.size) == LIMITS.max_image_side
+    assert out.mode == "RGB"
+
+
+def test_pixel_bomb_is_refused():
+    limits = Limits(max_image_pixels=1000)
+    err = _errors(load_image, _png_bytes(Image.new("RGB", (100, 100))), limits)
+    assert "too large" in err.en and "过大" in err.zh
+
+
+@pytest.mark.parametrize(
+    "data, en_part, zh_part",
+    [
+        (b"", "empty", "为空"),
+        (b"this is not an image at all", "not an image", "不是可识别"),
+        (b"%PDF-1.4 not a picture", "not an image", "不是可识别"),
+    ],
+)
+def test_non_images_get_clear_errors(data, en_part, zh_part):
+    err = _errors(load_image, data, LIMITS)
+    assert en_part in err.en and zh_part in err.zh
+
+
+def test_truncated_file_gets_clear_error(tmp_path):
+    data = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    err = _errors(load_image, path, LIMITS)
+    assert "damaged or truncated" in err.en and "cut.png" in err.en and "损坏" in err.zh
+
+
+def test_missing_file_and_too_big_upload(tmp_path):
+    err = _errors(load_image, tmp_path / "nope.png", LIMITS)
+    assert "does not exist" in err.en
+    err = _errors(load_image, b"x" * (2 * 1024 * 1024), Limits(max_upload_mb=1))
+    assert "1 MB" in err.en
+
+
+def test_prompt_rules():
+    assert check_prompt("  a cat  ", LIMITS) == "a cat"
+    err = _errors(check_prompt, "   ", LIMITS)
+    assert "empty" in err.en and "提示词为空" in err.zh
+    err = _errors(check_prompt, 42, LIMITS)
+    assert "must be text" in err.en
+    err = _errors(check_prompt, "x" * (LIMITS.max_prompt_chars + 1), LIMITS)
+    assert str(LIMITS.max_prompt_chars) in err.en
+    assert check_prompt("", LIMITS, name="negative_prompt", allow_empty=True) == ""
+
+
+GOOD = dict(resolution=512, num_frames=16, fps=8, steps=50, guidance_scale=9.0, seed=1)
+
+
+@pytest.mark.parametrize(
+    "field, value, en_part",
+    [
+        ("resolution", 1024, "64–768"),
+        ("resolution", 500, "multiple of 64"),
+        ("resolution", "512", "must be a number"),
+        ("num_frames", 25, "2–24"),
+        ("num_frames", -3, "2–24"),
+        ("num_frames", 4.5, "whole number"),
+        ("fps", math.nan, "finite"),
+        ("fps", True, "must be a number"),
+        ("steps", 0, "1–100"),
+        ("steps", None, "must be a number"),
+        ("guidance_scale", math.inf, "finite"),
+        ("guidance_scale", 25.0, "1.0–20.0"),
+        ("seed", -2, "-1–4294967295"),
+        ("seed", "abc", "must be a number"),
+    ],
+)
+def test_bad_parameters_name_the_limit(field, value, en_part):
+    err = _errors(check_params, **{**GOOD, field: value}, limits=LIMITS)
+    assert en_part in err.en
+    assert field in err.en
+    assert err.zh != err.en
+
+
+def test_random_seed_and_integral_floats():
+    p = check_params(**{**GOOD, "seed": -1, "num_frames": 16.0}, limits=LIMITS)
+    assert p.seed_was_random and 0 <= p.seed <= 2 ** 32 - 1
+    assert p.num_frames == 16 and isinstance(p.num_frames, int)
+    assert check_params(**GOOD, limits=LIMITS).seed == 1

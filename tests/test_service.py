@@ -1,0 +1,179 @@
+"""GenerationService: end to end on the tiny model, memory freed on every ending, OOM, one job at a time."""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from mp4probe import probe
+
+from app.errors import CancelledError, InputError, ModelNotReadyError, OutOfMemoryError
+from app.service import GenerationRequest, GenerationService, ModelState
+
+
+def _req(image, **kw) -> GenerationRequest:
+    base = dict(image=image, prompt="a cat walking", resolution=64, num_frames=4, fps=8, steps=2, seed=5)
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+class FakeSampler:
+    """Wraps the real tiny sampler; can fail once, or record how many run at the same time."""
+
+    def __init__(self, real, fail_with: BaseException | None = None, delay: float = 0.0):
+        self.real, self.fail_with, self.delay = real, fail_with, delay
+        self.running = 0
+        self.max_running = 0
+        self.lock = threading.Lock()
+
+    def count_tokens(self, prompt):
+        return self.real.count_tokens(prompt)
+
+    def __call__(self, req, **kw):
+        with self.lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            time.sleep(self.delay)
+            if self.fail_with is not None:
+                exc, self.fail_with = self.fail_with, None
+                raise exc
+            return self.real(req, **kw)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.fixture
+def memory_calls(monkeypatch):
+    calls = {"gc": 0, "empty_cache": 0}
+    real_collect = gc.collect
+
+    def collect(*a):
+        calls["gc"] += 1
+        return real_collect(*a)
+
+    monkeypatch.setattr(gc, "collect", collect)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.__setitem__("empty_cache", calls["empty_cache"] + 1))
+    return calls
+
+
+def test_generate_writes_playable_mp4_and_metadata(make_service, image_rgb, settings):
+    svc = make_service()
+    result = svc.generate(_req(image_rgb, fps=12))
+    info = probe(result.video_path)
+    assert (info["codec"], info["pix_fmt"], info["nb_frames"], info["fps"]) == ("h264", "yuv420p", 4, 12)
+    assert (info["width"], info["height"]) == (64, 64)
+    assert result.video_path.parent == settings.path("outputs")
+    meta = json.loads(result.metadata_path.read_text(encoding="utf-8"))
+    assert meta["seed"] == 5 and meta["prompt"] == "a cat walking" and meta["steps"] == 2
+    assert meta["model"] == {"id": "tiny", "revision": None, "demo": True}
+    assert set(meta["timings_s"]) >= {"encode", "denoise", "decode", "write", "total"}
+    assert meta["versions"]["torch"] == torch.__version__
+    assert "peak_vram_gib" in meta and meta["negative_prompt"]
+
+
+@pytest.mark.parametrize("ending", ["success", "failure", "cancel"])
+def test_memory_is_freed_after_every_run(make_service, tiny_engine, image_rgb, memory_calls, ending):
+    engine = tiny_engine
+    cancel = threading.Event()
+    if ending == "failure":
+        engine = replace(tiny_engine, sampler=FakeSampler(tiny_engine.sampler, fail_with=RuntimeError("boom")))
+    svc = make_service(engine)
+    if ending == "success":
+        svc.generate(_req(image_rgb))
+    elif ending == "failure":
+        with pytest.raises(RuntimeError, match="boom"):
+            svc.generate(_req(image_rgb))
+    else:
+        def on_progress(p):
+            if p.stage == "denoise":
+                cancel.set()
+
+        with pytest.raises(CancelledError):
+            svc.generate(_req(image_rgb, steps=5), on_progress=on_progress, cancel=cancel)
+        assert list(svc.settings.path("outputs").iterdir()) == []
+    assert memory_calls["empty_cache"] == 1
+    assert memory_calls["gc"] >= 1
+
+
+def test_out_of_memory_gives_advice_and_the_next_run_works(make_service, tiny_engine, image_rgb, memory_calls):
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    svc = make_service(replace(tiny_engine, sampler=FakeSampler(tiny_engine.sampler, fail_with=oom)))
+    with pytest.raises(OutOfMemoryError) as info:
+        svc.generate(_req(image_rgb))
+    err = info.value
+    assert "Out of GPU memory at 64p × 4 frames" in err.en and "low-VRAM" in err.en
+    assert "显存不足" in err.zh and "低显存模式" in err.zh
+    assert err.exit_code == 4
+    assert memory_calls["empty_cache"] == 1
+    assert probe(svc.generate(_req(image_rgb)).video_path)["nb_frames"] == 4
+
+
+def test_one_gpu_job_at_a_time(make_service, tiny_engine, image_rgb):
+    fake = FakeSampler(tiny_engine.sampler, delay=0.2)
+    svc = make_service(replace(tiny_engine, sampler=fake))
+    results = []
+    threads = [threading.Thread(target=lambda s=s: results.append(svc.generate(_req(image_rgb, seed=s))))
+               for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fake.max_running == 1
+    assert len({r.video_path for r in results}) == 3
+
+
+def test_bad_input_fails_before_any_gpu_work(make_service, tiny_engine, image_rgb):
+    fake = FakeSampler(tiny_engine.sampler)
+    svc = make_service(replace(tiny_engine, sampler=fake))
+    for req, part in [(_req(b"not an image"), "not an image"), (_req(image_rgb, prompt=" "), "empty"),
+                      (_req(image_rgb, num_frames=100), "2–24"), (_req(image_rgb, preset="ultra"), "Unknown preset")]:
+        with pytest.raises(InputError, match=part):
+            svc.generate(req)
+    assert fake.max_running == 0
+    assert list(svc.settings.path("outputs").iterdir()) == []
+
+
+def test_long_prompt_is_truncated_with_a_warning(make_service, image_rgb):
+    svc = make_service()
+    result = svc.generate(_req(image_rgb, prompt="a cat walking slowly across the garden " * 5))
+    assert len(result.warnings) == 1
+    assert "first 77" in result.warnings[0].en and "77" in result.warnings[0].zh
+    assert result.metadata["prompt_truncated"] is True
+
+
+def test_preset_and_demo_defaults(make_service, settings, image_rgb):
+    svc = make_service()
+    _, sample, _, random_seed = svc.resolve(GenerationRequest(image=image_rgb, prompt="x"))
+    demo = settings.demo
+    assert (sample.width, sample.num_frames, sample.steps) == (demo.resolution, demo.num_frames, demo.steps)
+    assert random_seed
+    _, sample, _, _ = svc.resolve(GenerationRequest(image=image_rgb, prompt="x", preset="high", num_frames=20))
+    assert (sample.width, sample.num_frames) == (768, 20)
+
+
+def test_missing_model_keeps_the_service_up_and_says_why(settings, image_rgb):
+    from app.engine.loader import load_engine
+
+    svc = GenerationService(settings, lambda: load_engine(settings, source="ali-vilab/i2vgen-xl"))
+    svc.load()
+    assert svc.state is ModelState.MISSING
+    assert "python -m app download" in svc.status()["message"].en
+    with pytest.raises(ModelNotReadyError) as info:
+        svc.generate(_req(image_rgb))
+    assert info.value.exit_code == 3 and "--model tiny" in info.value.en
+
+
+def test_history_lists_newest_first(make_service, image_rgb):
+    svc = make_service()
+    first = svc.generate(_req(image_rgb, seed=1))
+    second = svc.generate(_req(image_rgb, seed=2))
+    entries = svc.history()
+    assert [e.path for e in entries] == [second.video_path, first.video_path]
+    assert entries[0].metadata["seed"] == 2
