@@ -105,9 +105,10 @@ class LoggingSettings:
 
 @dataclass
 class AccelSettings:
-    compile: bool = True
-    cuda_graphs: bool = True
+    compile: str = field(default="regional", metadata=_choice("regional", "full", "off"))
+    cuda_graphs: bool = False
     compile_cache: bool = True
+    warmup: bool = True
 
 
 def _default_presets() -> dict[str, Preset]:

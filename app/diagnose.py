@@ -18,9 +18,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,10 +220,15 @@ _PROBE = (
 
 
 def torch_facts(python: str | os.PathLike[str] | None = None, run: Runner = subprocess.run,
-                timeout: float = 180) -> dict[str, Any]:
-    """torch_facts_here() for this interpreter, or for `python` (e.g. the project's .venv) in a child process."""
-    if python is None or Path(python) == Path(sys.executable):
+                timeout: float = 180, isolate: bool = False) -> dict[str, Any]:
+    """torch_facts_here() for this interpreter, or for `python` (e.g. the project's .venv) in a child process.
+
+    isolate=True probes in a child even for this interpreter: the launcher must not hold torch's
+    DLLs open (Windows locks them, and pip may have to replace them) for the app's whole lifetime.
+    """
+    if not isolate and (python is None or Path(python) == Path(sys.executable)):
         return torch_facts_here()
+    python = python or sys.executable
     try:
         proc = run([str(python), "-c", _PROBE, str(PROJECT_ROOT)], capture_output=True, text=True,
                    encoding="utf-8", errors="replace", timeout=timeout)
@@ -399,16 +405,20 @@ def assess(facts: Facts) -> list[Finding]:
                " from https://aka.ms/vs/17/release/vc_redist.x64.exe." if facts.is_windows else "")))
 
     if gpus and torch is not None and cpu_only_torch_with_nvidia_gpu(torch, gpus):
+        version, gpu_name = torch.get("version"), gpus[0].name
         out.append(Finding(
-            "problem", "cpu-only-torch", f"torch {torch.get('version')} is a CPU-only build, but this PC has an NVIDIA GPU ({gpus[0].name}).",
-            f"torch {torch.get('version')} 是仅 CPU 版本,但本机有 NVIDIA GPU ({gpus[0].name})。",
+            "problem", "cpu-only-torch",
+            f"torch {version} is a CPU-only build, but this PC has an NVIDIA GPU ({gpu_name}).",
+            f"torch {version} 是仅 CPU 版本,但本机有 NVIDIA GPU ({gpu_name})。",
             reinstall))
     elif gpus and torch is not None and torch.get("installed") and torch.get("cuda") and not torch.get("available"):
-        driver_cuda = facts.smi.cuda_version or "?"
+        build, driver_cuda = torch.get("cuda"), facts.smi.cuda_version or "?"
+        detail = f": {torch['error']}" if torch.get("error") else ""
         out.append(Finding(
-            "problem", "cuda-unavailable", f"torch is built for CUDA {torch.get('cuda')}, but it cannot use the GPU"
-                       f" (the driver supports CUDA {driver_cuda}){': ' + torch['error'] if torch.get('error') else ''}.",
-            f"torch 为 CUDA {torch.get('cuda')} 构建,但无法使用 GPU (驱动支持 CUDA {driver_cuda})。",
+            "problem", "cuda-unavailable",
+            f"torch is built for CUDA {build}, but it cannot use the GPU "
+            f"(the driver supports CUDA {driver_cuda}){detail}.",
+            f"torch 为 CUDA {build} 构建,但无法使用 GPU (驱动支持 CUDA {driver_cuda})。",
             "Update the NVIDIA driver (https://www.nvidia.com/Download/index.aspx)"
             + (" on Windows; WSL2 uses it too" if facts.wsl else "") + ", then restart."))
 
@@ -416,38 +426,43 @@ def assess(facts: Facts) -> list[Finding]:
         fix = ("Reinstall or update the NVIDIA Windows driver, then run `wsl --shutdown` in PowerShell and reopen WSL."
                if facts.wsl else "Reinstall or update the NVIDIA driver, then reboot.")
         out.append(Finding("problem", "nvidia-smi-failed", facts.smi.error, f"nvidia-smi 出错:{facts.smi.error}", fix))
+    elif not gpus and facts.wsl == 2:
+        out.append(Finding(
+            "warning", "wsl-no-gpu", "No NVIDIA GPU is visible inside WSL2.", "WSL2 中看不到 NVIDIA GPU。",
+            "Install the NVIDIA driver for Windows (Game Ready or Studio, with WSL support) on the Windows side, "
+            "then run `wsl --update` and `wsl --shutdown` in PowerShell. "
+            "Do not install a Linux NVIDIA driver inside WSL."
+            + ("" if facts.wsl_gpu_bridge else " (/dev/dxg is missing: the WSL GPU bridge is not active.)")))
     elif not gpus:
-        if facts.wsl == 2:
-            out.append(Finding(
-                "warning", "wsl-no-gpu", "No NVIDIA GPU is visible inside WSL2.", "WSL2 中看不到 NVIDIA GPU。",
-                "Install the NVIDIA driver for Windows (Game Ready or Studio, with WSL support) on the Windows side,"
-                " then run `wsl --update` and `wsl --shutdown` in PowerShell. Do not install a Linux NVIDIA driver inside WSL."
-                + ("" if facts.wsl_gpu_bridge else " (/dev/dxg is missing: the WSL GPU bridge is not active.)")))
-        else:
-            out.append(Finding(
-                "warning", "no-gpu", "No NVIDIA GPU found: the real model is far too slow on a CPU.",
-                "未检测到 NVIDIA GPU:真实模型在 CPU 上太慢。",
-                "Use an NVIDIA GPU with a current driver, or try the demo model: --model tiny (output is noise)."))
+        out.append(Finding(
+            "warning", "no-gpu", "No NVIDIA GPU found: the real model is far too slow on a CPU.",
+            "未检测到 NVIDIA GPU:真实模型在 CPU 上太慢。",
+            "Use an NVIDIA GPU with a current driver, or try the demo model: --model tiny (output is noise)."))
 
     for gpu in gpus:
         if gpu.total_gib is not None and gpu.total_gib < LOW_VRAM_GIB:
             out.append(Finding(
-                "warning", "low-vram", f"{gpu.name} has {gpu.total_gib:.1f} GiB of VRAM: the app will use its low-VRAM mode (slower).",
+                "warning", "low-vram",
+                f"{gpu.name} has {gpu.total_gib:.1f} GiB of VRAM: the app will use its low-VRAM mode (slower).",
                 f"{gpu.name} 显存 {gpu.total_gib:.1f} GiB:将使用低显存模式 (较慢)。",
                 "Prefer the fast preset (512p, 16 frames); high quality (768p, 24 frames) may run out of GPU memory."))
 
     if facts.model_found is None and facts.models_dir is not None:
-        if facts.models_free is not None and facts.models_free < MODEL_DISK_GIB * 1024**3:
+        free = facts.models_free
+        if free is not None and free < MODEL_DISK_GIB * 1024**3:
             out.append(Finding(
-                "problem", "disk-models", f"Only {gib(facts.models_free)} free for models/; the model needs about {MODEL_DISK_GIB:.0f} GiB.",
-                f"models/ 所在磁盘仅剩 {gib(facts.models_free)},模型需要约 {MODEL_DISK_GIB:.0f} GiB。",
+                "problem", "disk-models",
+                f"Only {gib(free)} free for models/; the model needs about {MODEL_DISK_GIB:.0f} GiB.",
+                f"models/ 所在磁盘仅剩 {gib(free)},模型需要约 {MODEL_DISK_GIB:.0f} GiB。",
                 "Free some disk space, or point paths.models in configs/config.yaml to a bigger disk."))
         out.append(Finding(
-            "warning", "model-missing", "The I2VGen-XL weights are not downloaded yet.", "未找到模型 (I2VGen-XL 权重尚未下载)。",
+            "warning", "model-missing", "The I2VGen-XL weights are not downloaded yet.",
+            "未找到模型 (I2VGen-XL 权重尚未下载)。",
             f"{py} -m app download   (or start the demo model: --model tiny, output is noise)"))
     if facts.outputs_free is not None and facts.outputs_free < OUTPUTS_DISK_GIB * 1024**3:
         out.append(Finding(
-            "warning", "disk-outputs", f"Only {gib(facts.outputs_free)} free for outputs/.", f"outputs/ 所在磁盘仅剩 {gib(facts.outputs_free)}。",
+            "warning", "disk-outputs", f"Only {gib(facts.outputs_free)} free for outputs/.",
+            f"outputs/ 所在磁盘仅剩 {gib(facts.outputs_free)}。",
             "Delete old videos from outputs/, or point paths.outputs in configs/config.yaml to a bigger disk."))
 
     order = {"problem": 0, "warning": 1, "info": 2}
@@ -460,8 +475,10 @@ def render(facts: Facts, findings: Sequence[Finding]) -> str:
     if facts.torch is None:
         torch_line = "not checked"
     elif torch.get("installed"):
-        build = f"CUDA {torch['cuda']}" if torch.get("cuda") else ("ROCm " + torch["hip"] if torch.get("hip") else "CPU-only")
-        torch_line = f"{torch.get('version')} · build: {build} · torch.cuda.is_available(): {bool(torch.get('available'))}"
+        build = (f"CUDA {torch['cuda']}" if torch.get("cuda")
+                 else f"ROCm {torch['hip']}" if torch.get("hip") else "CPU-only")
+        available = bool(torch.get("available"))
+        torch_line = f"{torch.get('version')} · build: {build} · torch.cuda.is_available(): {available}"
     else:
         torch_line = f"not importable ({torch.get('error', 'not installed')})"
 
@@ -478,13 +495,15 @@ def render(facts: Facts, findings: Sequence[Finding]) -> str:
             lines.append(f"  GPU {i}:           {gpu.name} · VRAM / 显存 {total} GiB ({free} GiB free)"
                          f" · driver {gpu.driver} · CUDA {facts.smi.cuda_version or '?'}{mode}")
     else:
-        lines.append(f"  GPU:             {facts.smi.error or ('none found' if facts.smi.found else 'none found (no nvidia-smi)')}")
+        none = "none found" if facts.smi.found else "none found (no nvidia-smi)"
+        lines.append(f"  GPU:             {facts.smi.error or none}")
     if facts.models_dir is not None:
         lines.append(f"  Disk / 磁盘:     {gib(facts.models_free)} free for {facts.models_dir}")
     if facts.outputs_dir is not None:
         lines.append(f"                   {gib(facts.outputs_free)} free for {facts.outputs_dir}")
     if facts.models_dir is not None:
-        where = str(facts.model_found) if facts.model_found else "not found in " + ", ".join(map(str, facts.model_searched))
+        searched = ", ".join(map(str, facts.model_searched))
+        where = str(facts.model_found) if facts.model_found else f"not found in {searched}"
         lines.append(f"  Model / 模型:    {where}")
 
     for f in findings:

@@ -26,7 +26,7 @@ from app.engine.loader import LoadedEngine
 from app.engine.sampler import CLIP_MAX_TOKENS, I2VGenXLSampler, Progress, SampleRequest
 from app.errors import AppError, CancelledError, InputError, ModelNotReadyError, OutOfMemoryError
 from app.inputs import check_params, check_prompt, load_image
-from app.video import VideoEntry, list_videos, update_metadata, write_video
+from app.video import VideoEntry, VideoFile, list_videos, update_metadata, write_video
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,11 @@ def _library_versions() -> dict[str, str]:
 class GenerationService:
     """Owns the engine and the GPU. Thread-safe: concurrent callers queue on one lock."""
 
-    def __init__(self, settings: Settings, engine_loader: EngineLoader):
+    def __init__(self, settings: Settings, engine_loader: EngineLoader,
+                 writer: Callable[..., VideoFile] = write_video):
         self.settings = settings
         self._engine_loader = engine_loader
+        self._writer = writer
         self._engine: LoadedEngine | None = None
         self._state = ModelState.LOADING
         self._state_message = Message("Model loading…", "模型加载中…")
@@ -279,7 +281,7 @@ class GenerationService:
                 "versions": _library_versions(),
                 "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
             }
-            video = write_video(result.frames_thwc_uint8, sample.fps, self.settings.path("outputs"),
+            video = self._writer(result.frames_thwc_uint8, sample.fps, self.settings.path("outputs"),
                                 {**metadata, "timings_s": timings})
             timings["write"] = time.perf_counter() - write_start
             timings["total"] = time.perf_counter() - started

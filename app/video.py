@@ -21,7 +21,6 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -202,6 +201,8 @@ def _encode(
     frames: Iterator[np.ndarray], fps: int, tmp_path: Path
 ) -> tuple[int, tuple[int, int], bool]:
     """Stream HWC frames into ffmpeg; returns (frames written, encoded (H, W), padded?)."""
+    import imageio_ffmpeg  # here, not at import: it locates its ffmpeg binary
+
     first = next(frames, None)
     if first is None:
         raise ValueError("frames is empty: a video needs at least one frame")

@@ -70,9 +70,9 @@ def test_invalid_file_fails_with_one_line_naming_key_value_and_allowed(tmp_path,
 
 
 def test_environment_and_cli_overrides(tmp_path):
-    env = {"I2V_SERVER__PORT": "7870", "I2V_MODEL__LOW_VRAM": "on", "I2V_ACCEL__COMPILE": "false"}
+    env = {"I2V_SERVER__PORT": "7870", "I2V_MODEL__LOW_VRAM": "on", "I2V_ACCEL__COMPILE": "off"}
     s = load_settings(CONFIG, environ=env)
-    assert (s.server.port, s.model.low_vram, s.accel.compile) == (7870, "on", False)
+    assert (s.server.port, s.model.low_vram, s.accel.compile) == (7870, "on", "off")
     s = load_settings(CONFIG, environ=env, overrides={"server": {"port": 7999}})
     assert s.server.port == 7999
     with pytest.raises(ConfigError, match="I2V_NOPE__X: unknown section"):

@@ -197,7 +197,7 @@ def test_writer_failure_mid_video_leaves_the_folder_empty(tmp_path, monkeypatch)
         seen_parts.append(Path(path).name)
         return _failing_writer(real)(path, *args, **kwargs)
 
-    monkeypatch.setattr(video.imageio_ffmpeg, "write_frames", spying)
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", spying)
     with pytest.raises(OSError, match="disk full"):
         write_video(moving_frames(8), 8, tmp_path, {}, now=NOW)
     assert seen_parts == [".video_20250309_140507_123.mp4.part"]  # it was a hidden temp
@@ -223,7 +223,7 @@ def test_ffmpeg_that_writes_no_valid_file_is_an_error(tmp_path, monkeypatch):
         while True:
             yield
 
-    monkeypatch.setattr(video.imageio_ffmpeg, "write_frames", broken_ffmpeg)
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken_ffmpeg)
     with pytest.raises(RuntimeError, match="complete MP4"):
         write_video(moving_frames(2), 8, tmp_path, {}, now=NOW)
     assert folder_names(tmp_path) == set()

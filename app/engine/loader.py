@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from app.config import Settings
 from app.engine import device as gpu
 from app.engine.components import load_components, resolve_model_dir
-from app.engine.sampler import I2VGenXLSampler
+from app.engine.accel import AccelReport, apply_accel
+from app.engine.sampler import I2VGenXLSampler, SampleRequest
 from app.engine.tiny import TINY_MODEL_ID, ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ class LoadedEngine:
     device: torch.device
     dtype_name: str
     offload: bool
+    accel: AccelReport = field(default_factory=AccelReport)
 
 
 def load_engine(settings: Settings, *, source: str | None = None, device: str | None = None) -> LoadedEngine:
@@ -49,5 +54,24 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
                                  revision=revision)
     sampler = I2VGenXLSampler(components, dev, dtype, offload=offload)
     sampler.place()
+    accel = settings.accel
+    cache = settings.path("models") / ".compile-cache" if accel.compile_cache else None
+    report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs, cache_dir=cache)
+    if report.compile != "off" and accel.warmup:
+        warmup(sampler, settings)
     return LoadedEngine(sampler=sampler, model_id=source, revision=revision, demo=demo, device=dev,
-                        dtype_name=str(dtype).removeprefix("torch."), offload=offload)
+                        dtype_name=str(dtype).removeprefix("torch."), offload=offload, accel=report)
+
+
+def warmup(sampler: I2VGenXLSampler, settings: Settings) -> float:
+    """Compile for the default shape now (two steps), so the first user request runs at full speed."""
+    d = settings.defaults
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (d.resolution, d.resolution, 3), np.uint8))
+    req = SampleRequest(image=image, prompt="warm-up", negative_prompt=d.negative_prompt, height=d.resolution,
+                        width=d.resolution, num_frames=d.num_frames, fps=d.fps, steps=2,
+                        guidance_scale=d.guidance_scale, seed=0, decode_chunk_size=d.decode_chunk_size)
+    started = time.perf_counter()
+    sampler(req)
+    took = time.perf_counter() - started
+    log.info("warm-up (compile) took %.1f s", took)
+    return took
