@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer", "TemporalBasicTransformerBlock")
 
 
+REGIONAL_RECOMPILE_LIMIT = 64
+
+
 @dataclass
 class AccelReport:
     compile: str = "off"  # off | regional | full
@@ -93,6 +96,14 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, cache_di
 
     try:
         if scope == "regional":
+            # Each block class meets several shapes (4 resolutions, spatial and temporal passes); with
+            # fullgraph=True, Dynamo's default limit of 8 graphs per function turns that into a failure.
+            dyn = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dyn, name):
+                    setattr(dyn, name, max(getattr(dyn, name), REGIONAL_RECOMPILE_LIMIT))
+            if hasattr(dyn, "accumulated_recompile_limit"):
+                dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 16 * REGIONAL_RECOMPILE_LIMIT)
             for module in sampler.c.unet.modules():
                 if type(module).__name__ in REGIONAL_BLOCKS:
                     module.forward = compiler(module.forward, fullgraph=True, dynamic=False)

@@ -1,0 +1,531 @@
+"""Benchmark: the full-size I2VGen-XL architecture with random weights, diffusers' pipeline vs our engine.
+
+Same weights, inputs and seeds for both, in one run. Needs torch, diffusers and transformers (not gradio).
+Writes JSON (one file per part) and prints a table last.
+
+    python scripts/benchmark.py --out bench/ --parts ref512,ours512,compile512 --runs 3
+    python scripts/benchmark.py --out bench/ --table          # print the table of everything measured
+
+Parts: load, ref512, fp32ref512, ours512, compile512, ref768, compile768, lowvram, stability, oom, coldstart.
+`--tiny` runs the same code on the tiny model on a CPU, to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+GIB = 1024 ** 3
+# Measured in PERF.md: one UNet call (batch 2, CFG) at 512²×16 is 41.87 TFLOP; 768²×24 is 157.5 TFLOP.
+UNET_TFLOP = {(512, 16): 41.87, (768, 24): 157.5}
+DENSE_TFLOPS = 790.0  # measured fp16 dense GEMM rate of an H100 (PERF.md)
+
+
+# Model -----------------------------------------------------------------------------------------
+
+def build_full_size(device: torch.device, dtype: torch.dtype) -> dict:
+    """Every component at the real architecture's size, random weights scaled so fp16 stays finite."""
+    from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from app.engine.tiny import SCHEDULER_CONFIG, FeatureExtractorConfig, tiny_vocab
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = I2VGenXLUNet()
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
+                            scaling_factor=0.18215)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                            num_attention_heads=16, projection_dim=1024, hidden_act="gelu",
+                                            max_position_embeddings=77, vocab_size=49408))
+        image = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120,
+                                                               num_hidden_layers=32, num_attention_heads=16,
+                                                               patch_size=14, image_size=224, projection_dim=1024,
+                                                               hidden_act="gelu"))
+    with torch.no_grad():
+        for module in (unet, vae, text, image):
+            for p in module.parameters():
+                if p.dim() >= 2:
+                    p.mul_(0.5)
+            module.to(dtype).eval().requires_grad_(False)
+    # The real tokenizer's vocab can't be downloaded; our small byte-level vocab gives valid ids < 49408.
+    vocab, merges = tiny_vocab()
+    return {"unet": unet, "vae": vae, "text_encoder": text, "image_encoder": image,
+            "tokenizer": CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77),
+            "feature_extractor": FeatureExtractorConfig(size=224), "scheduler": DDIMScheduler(**SCHEDULER_CONFIG)}
+
+
+def build_tiny(device, dtype) -> dict:
+    from app.engine.tiny import build_tiny_components
+
+    parts = build_tiny_components()
+    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        parts[name].to(device, dtype)
+    return parts
+
+
+def components_from(parts: dict, clip_size: int):
+    from app.engine.components import Components
+
+    fe = parts["feature_extractor"]
+    return Components(unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+                      tokenizer=parts["tokenizer"], image_encoder=parts["image_encoder"], scheduler=parts["scheduler"],
+                      image_mean=tuple(fe["image_mean"]), image_std=tuple(fe["image_std"]), clip_image_size=clip_size,
+                      model_dir=Path("."), model_id="random-full-size", revision=None)
+
+
+def reference_pipeline(parts: dict):
+    from diffusers import I2VGenXLPipeline
+    from transformers import CLIPImageProcessor
+
+    fe = CLIPImageProcessor(**{k: v for k, v in parts["feature_extractor"].items()
+                               if k not in ("feature_extractor_type", "image_processor_type")})
+    pipe = I2VGenXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=None,
+                            image_encoder=parts["image_encoder"], feature_extractor=fe, unet=parts["unet"],
+                            scheduler=parts["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# Timing helpers --------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+class Ctx:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device("cpu" if args.tiny else "cuda")
+        self.dtype = torch.float32 if args.tiny else torch.float16
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:600, 0:800]
+        base = np.stack([x % 256, y % 256, (x * y) % 256], -1).astype(np.float64)
+        self.image = Image.fromarray((0.7 * base + 0.3 * rng.integers(0, 255, base.shape)).astype(np.uint8))
+        self.prompt = "a red fox running through snow, cinematic lighting"
+        self.negative = "blurry, static, low quality"
+        self._parts = None
+        self._sampler = None
+        self._embeds = None
+
+    @property
+    def parts(self):
+        if self._parts is None:
+            t = time.perf_counter()
+            self._parts = (build_tiny if self.args.tiny else build_full_size)(self.device, self.dtype)
+            sync(self.device)
+            print(f"built model in {time.perf_counter() - t:.1f} s", flush=True)
+        return self._parts
+
+    def sampler(self, *, offload=False, dtype=None):
+        from app.engine.sampler import I2VGenXLSampler
+
+        clip = 32 if self.args.tiny else 224
+        s = I2VGenXLSampler(components_from(self.parts, clip), self.device, dtype or self.dtype, offload=offload)
+        s._placed = True  # already on the device
+        return s
+
+    @property
+    def base_sampler(self):
+        if self._sampler is None:
+            self._sampler = self.sampler()
+        return self._sampler
+
+    def request(self, res, frames, steps=None):
+        from app.engine.sampler import SampleRequest
+
+        if self.args.tiny:
+            res, frames = 64, 4
+        return SampleRequest(image=self.image, prompt=self.prompt, negative_prompt=self.negative, height=res, width=res,
+                             num_frames=frames, fps=8, steps=steps or self.args.steps, guidance_scale=9.0, seed=1234,
+                             decode_chunk_size=4)
+
+    def shared_inputs(self, req):
+        """Identical prompt embeddings and initial noise for the reference and us."""
+        s = self.base_sampler
+        pe = s.encode_prompt(req.prompt)
+        ne = s.encode_prompt(req.negative_prompt)
+        noise = torch.randn(s.latent_shape(req), generator=torch.Generator().manual_seed(99))
+        return pe, ne, noise
+
+    def save(self, name, data):
+        data = {"part": name, "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), **data}
+        (self.out / f"{name}.json").write_text(json.dumps(data, indent=2))
+        print(f"== {name}: {json.dumps(data)[:600]}", flush=True)
+
+
+def run_ours(ctx, sampler, req, shared, runs):
+    """Warm-up, then `runs` timed runs: end to end and per stage. Returns stats and the last frames."""
+    noise = shared[2]
+    times, stages = [], []
+    frames = None
+    for i in range(runs + 1):
+        peak_reset(ctx.device)
+        sync(ctx.device)
+        t = time.perf_counter()
+        # Our engine encodes the prompt itself (end to end); the embeddings equal `pe`/`ne`.
+        frames, timings, _ = sampler.generate(req, latents=noise)
+        sync(ctx.device)
+        dt = time.perf_counter() - t
+        if i == 0:
+            warm = dt
+            continue
+        times.append(dt)
+        stages.append(timings)
+    med = statistics.median(times)
+    stage_med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+    return {"warmup_s": warm, "median_s": med, "runs_s": times, "stages_s": stage_med,
+            "peak_gib": peak(ctx.device)}, frames
+
+
+def run_reference(ctx, req, shared, runs):
+    pipe = reference_pipeline(ctx.parts)
+    pe, ne, noise = shared
+    times, frames = [], None
+    for i in range(runs + 1):
+        peak_reset(ctx.device)
+        torch.manual_seed(req.seed)
+        sync(ctx.device)
+        t = time.perf_counter()
+        frames = pipe(image=req.image, prompt_embeds=pe, negative_prompt_embeds=ne, height=req.height,
+                      width=req.width, target_fps=req.fps, num_frames=req.num_frames,
+                      num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                      latents=noise.to(ctx.device, ctx.dtype), output_type="pt", decode_chunk_size=1).frames[0]
+        sync(ctx.device)
+        dt = time.perf_counter() - t
+        if i:
+            times.append(dt)
+        else:
+            warm = dt
+    return {"warmup_s": warm, "median_s": statistics.median(times), "runs_s": times,
+            "peak_gib": peak(ctx.device)}, frames
+
+
+def floor_s(req):
+    tflop = UNET_TFLOP.get((req.width, req.num_frames))
+    return None if tflop is None else req.steps * tflop / DENSE_TFLOPS
+
+
+# Parts -----------------------------------------------------------------------------------------
+
+def part_ref(ctx, res, frames):
+    req = ctx.request(res, frames)
+    shared = ctx.shared_inputs(req)
+    stats, ref = run_reference(ctx, req, shared, ctx.args.runs)
+    torch.save(ref.cpu(), ctx.out / f"ref{res}.pt")
+    ctx.save(f"ref{res}", {"what": "diffusers I2VGenXLPipeline fp16 eager, decode_chunk_size 1", "res": res,
+                           "frames": frames, "steps": req.steps, **stats})
+
+
+def part_fp32ref(ctx, res, frames):
+    """Our loop in float32 (equal to diffusers' to 1e-5 on the CPU oracle test): the accuracy reference."""
+    req = ctx.request(res, frames)
+    shared = ctx.shared_inputs(req)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        ctx.parts[name].float()
+    s = ctx.sampler(dtype=torch.float32)
+    pe, ne, noise = shared
+    t = time.perf_counter()
+    frames32, _, _ = s.generate(req, latents=noise, prompt_embeds=pe.float(), negative_prompt_embeds=ne.float())
+    sync(ctx.device)
+    torch.save(frames32.cpu(), ctx.out / f"fp32ref{res}.pt")
+    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        ctx.parts[name].to(ctx.dtype)
+    ctx.save(f"fp32ref{res}", {"what": "our loop in fp32, TF32 off", "res": res, "s": time.perf_counter() - t})
+
+
+def _errors(ctx, res, frames_out):
+    errs = {}
+    for name in (f"ref{res}", f"fp32ref{res}"):
+        path = ctx.out / f"{name}.pt"
+        if path.exists():
+            errs[f"rel_err_vs_{name}"] = rel_err(frames_out, torch.load(path))
+    return errs
+
+
+def part_ours(ctx, res, frames, scope):
+    from app.engine.accel import apply_accel
+
+    req = ctx.request(res, frames)
+    shared = ctx.shared_inputs(req)
+    s = ctx.base_sampler
+    report = None
+    if scope != "off" and not getattr(s, "_bench_scope", None):
+        report = apply_accel(s, scope, cuda_graphs=ctx.args.cuda_graphs, cache_dir=ctx.out / "compile-cache",
+                             force=ctx.args.tiny)
+        s._bench_scope = scope
+    stats, out = run_ours(ctx, s, req, shared, ctx.args.runs)
+    f = floor_s(req)
+    name = f"{'compile' if scope != 'off' else 'ours'}{res}"
+    ctx.save(name, {"what": f"our engine fp16, compile={scope}, cuda_graphs={ctx.args.cuda_graphs}", "res": res,
+                    "frames": frames, "steps": req.steps, **stats, **_errors(ctx, res, out),
+                    "floor_s": f, "pct_of_floor": None if not f else 100 * f / stats["median_s"],
+                    "accel_notes": report.notes if report else []})
+
+
+def part_lowvram(ctx):
+    req = ctx.request(512, 16)
+    shared = ctx.shared_inputs(req)
+    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        ctx.parts[name].to("cpu")
+    gc.collect()
+    torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
+    s = ctx.sampler(offload=True)
+    req = type(req)(**{**req.__dict__, "decode_chunk_size": 1})
+    stats, _ = run_ours(ctx, s, req, shared, max(1, ctx.args.runs - 1))
+    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        ctx.parts[name].to(ctx.device)
+    ctx.save("lowvram", {"what": "low-VRAM mode: model offload, decode 1 frame at a time", **stats})
+
+
+def _service(ctx, tmp: Path):
+    """A GenerationService around the already-built engine (what the app runs), writing to tmp."""
+    from app.config import load_settings
+    from app.engine.loader import LoadedEngine
+    from app.service import GenerationService
+
+    settings = load_settings(environ={}, overrides={"paths": {"outputs": str(tmp / "outputs"),
+                                                              "logs": str(tmp / "logs")}})
+    engine = LoadedEngine(sampler=ctx.base_sampler, model_id="random-full-size", revision=None, demo=False,
+                          device=ctx.device, dtype_name=str(ctx.dtype), offload=False)
+    writer = None
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        from app.video import VideoFile
+
+        def writer(frames, fps, out_dir, metadata):  # the GPU machine has no ffmpeg: keep raw frames
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stem = out_dir / f"video_{time.time_ns()}"
+            np.save(stem.with_suffix(".npy"), frames)
+            stem.with_suffix(".json").write_text(json.dumps(metadata, default=str))
+            return VideoFile(path=stem.with_suffix(".npy"), metadata_path=stem.with_suffix(".json"))
+    svc = GenerationService(settings, lambda: engine, **({"writer": writer} if writer else {}))
+    svc.load()
+    return svc, writer is None
+
+
+def _image_bytes(ctx) -> np.ndarray:
+    return np.asarray(ctx.image)
+
+
+def part_stability(ctx):
+    from app.service import GenerationRequest
+
+    svc, real_writer = _service(ctx, Path(tempfile.mkdtemp()))
+    alloc, times, failures = [], [], []
+    n = 3 if ctx.args.tiny else 20
+    for i in range(n):
+        try:
+            r = svc.generate(GenerationRequest(image=_image_bytes(ctx), prompt=ctx.prompt, resolution=64 if ctx.args.tiny else 512,
+                                               num_frames=4 if ctx.args.tiny else 16, steps=ctx.args.steps, seed=i))
+            times.append(r.timings_s["total"])
+        except Exception as exc:
+            failures.append(f"run {i + 1}: {type(exc).__name__}: {exc}")
+        alloc.append(torch.cuda.memory_allocated() / 2 ** 20 if ctx.device.type == "cuda" else 0.0)
+    ctx.save("stability", {"runs": n, "failures": failures, "allocated_mib_after_each": alloc,
+                           "drift_mib_run2_to_last": alloc[-1] - alloc[1], "median_total_s": statistics.median(times),
+                           "mp4_written": real_writer})
+
+
+def part_oom(ctx):
+    from app.errors import OutOfMemoryError
+    from app.service import GenerationRequest
+
+    svc, _ = _service(ctx, Path(tempfile.mkdtemp()))
+    # The service's limits stop 1024p x 32 frames before the GPU; lift them for this test only.
+    svc.settings.limits.max_resolution, svc.settings.limits.max_frames = 1024, 32
+    if ctx.device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(0.25)
+    message = None
+    big = (128, 4) if ctx.args.tiny else (1024, 32)  # the CPU has no memory fraction to hit
+    try:
+        svc.generate(GenerationRequest(image=_image_bytes(ctx), prompt=ctx.prompt, resolution=big[0],
+                                       num_frames=big[1], steps=2, seed=1))
+    except OutOfMemoryError as exc:
+        message = exc.en
+    finally:
+        if ctx.device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    svc.settings.limits.max_resolution, svc.settings.limits.max_frames = 768, 24
+    small = (64, 4) if ctx.args.tiny else (512, 16)
+    r = svc.generate(GenerationRequest(image=_image_bytes(ctx), prompt=ctx.prompt, resolution=small[0],
+                                       num_frames=small[1], steps=ctx.args.steps, seed=2))
+    ctx.save("oom", {"user_facing_error": message, "next_standard_run_s": r.timings_s["total"],
+                     "next_run_ok": r.video_path.exists()})
+
+
+def part_load(ctx):
+    """Save the random model in the hub layout (fp16 variant), then time our loader on it."""
+    from app.engine.components import load_components
+    from app.engine.tiny import save_hub_layout
+
+    folder = Path(ctx.args.model_dir or (ctx.out / "model"))
+    if not (folder / "model_index.json").exists():
+        t = time.perf_counter()
+        save_hub_layout(ctx.parts, folder, variant=None if ctx.args.tiny else "fp16")
+        print(f"saved hub layout in {time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
+    c = load_components(folder, dtype=ctx.dtype, variant="fp16")
+    for m in c.modules.values():
+        m.to(ctx.device)
+    sync(ctx.device)
+    ctx.save("load", {"what": "load_components from local safetensors + move to device (page cache warm)",
+                      "s": time.perf_counter() - t, "folder": str(folder)})
+
+
+def part_coldstart(ctx):
+    """A fresh process: load the saved model, compile, first 512p result. Twice: empty cache, then kept cache."""
+    folder = Path(ctx.args.model_dir or (ctx.out / "model"))
+    results = {}
+    cache = ctx.out / "coldstart-cache"
+    for label in ("empty_cache", "kept_cache"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+               "TRITON_CACHE_DIR": str(cache / "triton")}
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, "--first-result", str(folder), "--steps", str(ctx.args.steps)]
+                             + (["--tiny"] if ctx.args.tiny else []), env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        inner = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-2000:]}
+        results[label] = {"wall_s": wall, **inner}
+    ctx.save("coldstart", results)
+
+
+def first_result(folder: Path, steps: int, tiny: bool) -> None:
+    """Child process of `coldstart`: what a user waits for after launching the app."""
+    t0 = time.perf_counter()
+    from app.engine.accel import apply_accel
+    from app.engine.components import load_components
+    from app.engine.sampler import I2VGenXLSampler, SampleRequest
+
+    device = torch.device("cpu" if tiny else "cuda")
+    dtype = torch.float32 if tiny else torch.float16
+    c = load_components(folder, dtype=dtype, variant="fp16")
+    s = I2VGenXLSampler(c, device, dtype)
+    s.place()
+    sync(device)
+    t_load = time.perf_counter() - t0
+    apply_accel(s, "regional", force=tiny)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8))
+    res, frames = (64, 4) if tiny else (512, 16)
+    req = SampleRequest(image=img, prompt="a cat", negative_prompt="", height=res, width=res, num_frames=frames,
+                        fps=8, steps=2, guidance_scale=9.0, seed=0)
+    t = time.perf_counter()
+    s(req)
+    t_warm = time.perf_counter() - t
+    req = SampleRequest(**{**req.__dict__, "steps": steps})
+    t = time.perf_counter()
+    s(req)
+    print(json.dumps({"load_s": t_load, "compile_warmup_s": t_warm, "first_result_s": time.perf_counter() - t,
+                      "total_s": time.perf_counter() - t0}))
+
+
+# Table -----------------------------------------------------------------------------------------
+
+def table(out: Path) -> None:
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    if not rows:
+        print("nothing measured yet")
+        return
+    any_row = next(iter(rows.values()))
+    print(f"\nGPU: {any_row['device']} · torch {any_row['torch']} · {any_row['date']}")
+    print(f"{'measure':<44} {'median s':>9} {'peak GiB':>9} {'rel err vs fp32':>16} {'vs ref':>9} {'% floor':>8}")
+    for name, r in rows.items():
+        if "median_s" in r:
+            def fmt(v, spec):
+                return format(v, spec) if isinstance(v, (int, float)) and not math.isnan(v) else "-"
+            ref = r.get(f"rel_err_vs_ref{r.get('res')}")
+            print(f"{name + ' ' + r.get('what', '')[:36]:<44} {fmt(r['median_s'], '9.2f')} {fmt(r.get('peak_gib'), '9.2f')} "
+                  f"{fmt(r.get('rel_err_vs_fp32ref' + str(r.get('res'))), '16.2e')} {fmt(ref, '9.1e')} "
+                  f"{fmt(r.get('pct_of_floor'), '8.1f')}")
+            if "stages_s" in r:
+                print("    stages: " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items())
+                      + f"; warm-up {r['warmup_s']:.1f} s")
+    for name in ("load", "fp32ref512", "stability", "oom", "coldstart"):
+        if name in rows:
+            r = {k: v for k, v in rows[name].items() if k not in ("part", "device", "torch", "date")}
+            print(f"{name}: {json.dumps(r)[:400]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench")
+    ap.add_argument("--parts", default="")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--scope", default="regional", choices=["regional", "full"])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--model-dir")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--first-result")
+    args = ap.parse_args()
+    if args.first_result:
+        first_result(Path(args.first_result), args.steps, args.tiny)
+        return
+    ctx = Ctx(args)
+    parts = {
+        "load": lambda: part_load(ctx),
+        "ref512": lambda: part_ref(ctx, 512, 16),
+        "fp32ref512": lambda: part_fp32ref(ctx, 512, 16),
+        "ours512": lambda: part_ours(ctx, 512, 16, "off"),
+        "compile512": lambda: part_ours(ctx, 512, 16, args.scope),
+        "ref768": lambda: part_ref(ctx, 768, 24),
+        "compile768": lambda: part_ours(ctx, 768, 24, args.scope),
+        "lowvram": lambda: part_lowvram(ctx),
+        "stability": lambda: part_stability(ctx),
+        "oom": lambda: part_oom(ctx),
+        "coldstart": lambda: part_coldstart(ctx),
+    }
+    for name in [p for p in args.parts.split(",") if p]:
+        t = time.perf_counter()
+        try:
+            with torch.no_grad():
+                parts[name]()
+        except Exception as exc:  # one broken part must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            ctx.save(name + "_failed", {"error": f"{type(exc).__name__}: {exc}"})
+        print(f"-- part {name} took {time.perf_counter() - t:.1f} s", flush=True)
+    table(ctx.out)
+
+
+if __name__ == "__main__":
+    main()
