@@ -188,7 +188,7 @@ def test_bad_flags_exit_2(argv, capsys):
 
 
 def test_docs_list_every_flag_exit_code_and_env_var():
-    doc = (ROOT / "docs" / "README-launchers.md").read_text(encoding="utf-8")
+    doc = (ROOT / "README.md").read_text(encoding="utf-8")
     for flag in ISSUE_4_FLAGS | TEST_ONLY_FLAGS:
         assert f"`{flag}" in doc, f"{flag} is not documented"
     for name in dir(start_app):

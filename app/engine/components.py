@@ -24,7 +24,7 @@ WEIGHTED = ("unet", "vae", "text_encoder", "image_encoder")
 
 
 def download_patterns(variant: str) -> tuple[list[str], list[str]]:
-    """(allow, ignore) patterns: configs, tokenizer and one safetensors set, never the repo's 5 GB .pth."""
+    """(allow, ignore) patterns: configs, tokenizer and one safetensors set, never the original .pth checkpoint."""
     allow = ["model_index.json", "*/*.json", "tokenizer/*.txt"]
     if variant:
         return allow + [f"*/*.{variant}.safetensors"], []
@@ -57,13 +57,13 @@ class Components:
 def _how_to_get(hub_id: str, local_dir: Path) -> tuple[str, str]:
     en = (
         f"The model weights for {hub_id} were not found in {local_dir} or the Hugging Face cache. "
-        f"Download them (about 7 GB) with: python -m app download  -- or copy a snapshot of "
+        f"Download them (about 5 GB) with: python -m app download  -- or copy a snapshot of "
         f"https://huggingface.co/{hub_id} into {local_dir}. To try the app without weights, use --model tiny "
         f"(a demo model whose videos are noise)."
     )
     zh = (
         f"未找到模型 {hub_id} 的权重(已查找 {local_dir} 和 Hugging Face 缓存)。"
-        f"请运行 python -m app download 下载(约 7 GB),或将 https://huggingface.co/{hub_id} 的文件复制到 {local_dir}。"
+        f"请运行 python -m app download 下载(约 5 GB),或将 https://huggingface.co/{hub_id} 的文件复制到 {local_dir}。"
         f"无权重时可用 --model tiny 试用(演示模型,输出为噪声)。"
     )
     return en, zh
