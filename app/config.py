@@ -291,7 +291,7 @@ def load_settings(
     """Load and validate the settings. Raises ConfigError with a one-line message."""
     environ = os.environ if environ is None else environ
     if path is None:
-        path = environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH
+        path = environ.get(ENV_PREFIX + "CONFIG") or (root or PROJECT_ROOT) / "configs" / "config.yaml"
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

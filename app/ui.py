@@ -1,0 +1,505 @@
+"""The web UI: a bilingual Gradio app around GenerationService, and the server that runs it.
+
+`build_ui(service, settings)` makes the page; `run_server(...)` launches it with the safe
+defaults (127.0.0.1, no share link, only outputs/ served, no analytics, no run history).
+Nothing happens at import time: gradio is imported inside the functions, after
+GRADIO_ANALYTICS_ENABLED is set. State is per browser session (gr.State, or keyed by the
+session hash); the one shared object is the service, which runs one GPU job at a time.
+
+Public API (gradio_client or MCP): `/generate` and `/cancel`, see docs/README-ui.md.
+"""
+
+import html
+import importlib.util
+import logging
+import os
+import tempfile
+import threading
+import time
+from abc import ABCMeta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.config import Settings
+from app.errors import AppError, CancelledError, InputError
+from app.examples import example_files
+from app.inputs import MAX_SEED
+from app.service import GenerationRequest, GenerationResult, GenerationService, Message
+from app.ui_strings import STRINGS, duration, request_lang, text, translations
+from app.video import read_metadata
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+log = logging.getLogger(__name__)
+
+HISTORY_LIMIT = 24  # videos shown in the history gallery
+STATUS_POLL_S = 2.0  # how often each open page refreshes the status bar
+GPU_QUEUE = "gpu"  # concurrency group of every event that generates
+
+CSS = """
+#status-bar .i2v-status { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
+#status-bar .pill { border-radius: 999px; padding: 3px 11px; font-size: 0.88em; white-space: nowrap;
+  background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
+#status-bar .pill.dot::before { content: ""; display: inline-block; width: 8px; height: 8px; border-radius: 50%;
+  margin-right: 6px; vertical-align: 1px; background: #9aa3af; }
+#status-bar .pill.ok::before { background: #22a06b; }
+#status-bar .pill.wait::before, #status-bar .pill.busy::before { background: #e0a800; }
+#status-bar .pill.bad { border-color: #d93f3f; color: #b42318; }
+#status-bar .pill.bad::before { background: #d93f3f; }
+#status-bar .pill.demo { background: #fff4d6; border-color: #e0a800; color: #7a5300; font-weight: 600; }
+#status-bar .msg { flex-basis: 100%; font-size: 0.88em; opacity: 0.85; }
+#generate-btn, #cancel-btn { min-height: 48px; font-size: 1.05em; }
+#run-info { min-height: 5em; }
+#crop-preview img { width: 100%; height: 100%; object-fit: contain; }
+"""
+
+
+class CancelRegistry:
+    """Cancel events of the running jobs, keyed by Gradio session: /cancel stops only its caller's jobs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, set[threading.Event]] = {}
+
+    def open(self, session: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(session, set()).add(event)
+        return event
+
+    def close(self, session: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._events.get(session)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[session]
+
+    def cancel(self, session: str) -> int:
+        """Set the cancel event of every job of `session`; returns how many were running."""
+        with self._lock:
+            events = list(self._events.get(session, ()))
+        for event in events:
+            event.set()
+        return len(events)
+
+
+# Rendering ---------------------------------------------------------------------------------------
+
+def render_status(status: dict[str, Any], lang: str) -> str:
+    """The status bar: model state, demo warning, GPU and VRAM, busy or idle (HTML)."""
+    state = status["state"]
+    kind = {"ready": "ok", "loading": "wait"}.get(state, "bad")
+    label = text(f"state_{state}", lang) if f"state_{state}" in STRINGS else state
+    if state == "ready":
+        label += f" · {status['model']}"
+    pills = [f'<span class="pill dot {kind}" data-state="{html.escape(state)}">{html.escape(label)}</span>']
+    if status.get("demo"):
+        pills.append(f'<span class="pill demo" data-demo="1">⚠ {html.escape(text("demo_badge", lang))}</span>')
+    if status.get("gpu_name"):
+        gpu = text("gpu_line", lang, name=status["gpu_name"], used=status["vram_used_by_app_gib"],
+                   free=status["vram_free_gib"], total=status["vram_total_gib"])
+        pills.append(f'<span class="pill gpu">{html.escape(gpu)}</span>')
+    elif state == "ready":
+        pills.append(f'<span class="pill">{html.escape(text("device_cpu", lang))}</span>')
+    if status.get("low_vram"):
+        pills.append(f'<span class="pill wait">{html.escape(text("low_vram_badge", lang))}</span>')
+    busy = bool(status.get("busy"))
+    activity = "busy" if busy else "idle"
+    pills.append(f'<span class="pill dot {activity}">{html.escape(text(activity, lang))}</span>')
+    message: Message | None = status.get("message")
+    if state != "ready" and message is not None:
+        pills.append(f'<div class="msg">{html.escape(message.text(lang))}</div>')
+    return f'<div class="i2v-status">{"".join(pills)}</div>'
+
+
+def render_info(meta: dict[str, Any], video_name: str, lang: str, notes: list[str] | None = None) -> str:
+    """The run info under the video: file, seed, size, time per stage, peak VRAM (Markdown)."""
+    frames, fps = int(meta.get("num_frames") or 0), int(meta.get("fps") or 0)
+    lines = [
+        f"**{text('info_file', lang)}:** `{video_name}`  ·  **{text('info_seed', lang)}:** `{meta.get('seed', '?')}`",
+        text("info_video", lang, w=meta.get("width", "?"), h=meta.get("height", "?"), frames=frames, fps=fps,
+             seconds=frames / fps if fps else 0.0),
+    ]
+    timings = meta.get("timings_s") or {}
+    stages = [f"{text('stage_' + k, lang)} {duration(float(timings[k]), lang)}"
+              for k in ("encode", "denoise", "decode", "write", "total") if k in timings]
+    if stages:
+        lines.append(f"**{text('info_time', lang)}:** " + " · ".join(stages))
+    peak = meta.get("peak_vram_gib")
+    peak_text = f"{float(peak):.2f} GiB" if peak is not None else text("info_peak_cpu", lang)
+    lines.append(f"**{text('info_peak', lang)}:** {peak_text}")
+    if (meta.get("model") or {}).get("demo"):
+        lines.append(f"⚠ **{text('demo_badge', lang)}**")
+    lines += [f"⚠ {html.escape(note)}" for note in notes or []]
+    return "\n\n".join(lines)
+
+
+def _escape(message: str) -> str:
+    """Gradio renders toasts as HTML: neutralise markup but keep quotes readable for API clients."""
+    return html.escape(message, quote=False)
+
+
+def user_error(exc: AppError, lang: str) -> Exception:
+    """An AppError as the gr.Error the user sees: their language, no trace (HTML-escaped)."""
+    import gradio as gr
+
+    title = text("cancelled_title" if isinstance(exc, CancelledError) else "error_title", lang)
+    return gr.Error(_escape(exc.message(lang)), title=title, print_exception=False)
+
+
+def _history_items(service: GenerationService) -> tuple[list[tuple[str, str]], list[str]]:
+    """Gallery items (video, caption), newest first, and the paths in the same order."""
+    items, paths = [], []
+    for entry in service.history(HISTORY_LIMIT):
+        prompt = str(entry.metadata.get("prompt") or "")
+        caption = f"{entry.created:%m-%d %H:%M:%S} · {prompt[:48]}{'…' if len(prompt) > 48 else ''}"
+        items.append((str(entry.path), caption))
+        paths.append(str(entry.path))
+    return items, paths
+
+
+# The page ----------------------------------------------------------------------------------------
+
+def _checked_by_service(component_cls: type, unwrap: Any = None) -> type:
+    """`component_cls` that hands its raw value to the service, which checks it with an error in the caller's
+    language naming the parameter. Gradio's own checks answer in English only ('Value 1000 is greater than
+    maximum value 100.', 'Could not preprocess input component…') and print a trace. The page's widgets
+    keep their ranges, and uploads are still confined to Gradio's upload folder before this runs.
+    `unwrap` turns the payload into the value (an upload's path for images)."""
+
+    def preprocess(self: Any, payload: Any) -> Any:
+        if payload is None or unwrap is None:
+            return payload
+        return unwrap(payload)
+
+    # Each kind gets its own name: the browser caches component code by class name.
+    name = f"{component_cls.__name__}CheckedByService"
+    attrs = {"__module__": __name__, "__qualname__": name, "__doc__": _checked_by_service.__doc__,
+             "is_template": True,  # the browser draws it as component_cls
+             "preprocess": preprocess}
+    # ABCMeta.__new__ rather than a class statement: for a subclass like this one, Gradio's ComponentMeta
+    # adds nothing but a .pyi stub that it would write next to this source file at run time.
+    return ABCMeta.__new__(type(component_cls), name, (component_cls,), attrs)
+
+
+def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
+    """The Gradio page around `service`. Launch it with run_server(), which adds the translations."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    Slider, Number = _checked_by_service(gr.Slider), _checked_by_service(gr.Number)
+    ImageUpload = _checked_by_service(gr.Image, unwrap=lambda payload: payload.path)
+    L = gr.I18n(**translations(settings))  # L(key) is a key the browser translates
+    lim, dflt = settings.limits, settings.defaults
+    jobs = CancelRegistry()
+    logs_dir = settings.path("logs")
+    default_values = (dflt.resolution, dflt.num_frames, dflt.fps, dflt.steps, dflt.guidance_scale)
+
+    def preset_values(name: str) -> tuple[int, int, int, int, float]:
+        p = settings.demo if name == "demo" else settings.presets[name]
+        return p.resolution, p.num_frames, p.fps, p.steps, p.guidance_scale
+
+    preset_choices = [(L(f"preset:{name}"), name) for name in settings.presets]
+    default_preset = next((n for n in settings.presets if preset_values(n) == default_values), None)
+
+    # Gradio serves every shown video from a copy in its cache: drop copies older than a day, hourly.
+    with gr.Blocks(title="Image-to-Video · I2VGen-XL", analytics_enabled=False,
+                   delete_cache=(3600, 24 * 3600)) as demo:
+        last_seed = gr.State(None)
+        history_paths = gr.State([])
+        defaults_settled = gr.State(False)
+
+        gr.Markdown(L("header"), elem_id="header")
+        status_bar = gr.HTML(elem_id="status-bar")
+
+        with gr.Row(equal_height=False):
+            # Inputs ------------------------------------------------------------------------------
+            with gr.Column(scale=1, elem_id="inputs"):
+                with gr.Row(equal_height=True):
+                    image = ImageUpload(label=L("input_image"), type="filepath", sources=["upload", "clipboard"],
+                                        height=250, elem_id="input-image")
+                    crop = gr.Image(label=L("crop_preview"), type="pil", interactive=False, height=250,
+                                    elem_id="crop-preview", buttons=[])
+                prompt = gr.Textbox(label=L("prompt"), placeholder=L("prompt_placeholder"), lines=2,
+                                    max_length=lim.max_prompt_chars, elem_id="prompt")
+                examples = example_files(Path(tempfile.gettempdir()) / "i2v-app" / "examples")
+                example_gallery = gr.Gallery(value=[(str(p), t) for p, t in examples], label=L("examples"),
+                                             columns=len(examples), rows=1, height=150, allow_preview=False,
+                                             object_fit="cover", interactive=False, buttons=[],
+                                             elem_id="examples")
+                preset = gr.Radio(label=L("preset"), choices=preset_choices, value=default_preset,
+                                  elem_id="preset")
+                with gr.Accordion(L("advanced"), open=False, elem_id="advanced"):
+                    negative = gr.Textbox(label=L("negative_prompt"), info=L("negative_info"),
+                                          value=dflt.negative_prompt, lines=2, max_length=lim.max_prompt_chars,
+                                          elem_id="negative-prompt")
+                    with gr.Row():
+                        resolution = Slider(lim.min_resolution, lim.max_resolution, value=dflt.resolution,
+                                            step=lim.resolution_multiple, label=L("resolution"), elem_id="resolution")
+                        num_frames = Slider(lim.min_frames, lim.max_frames, value=dflt.num_frames, step=1,
+                                            label=L("num_frames"), elem_id="num-frames")
+                    with gr.Row():
+                        fps = Slider(lim.min_fps, lim.max_fps, value=dflt.fps, step=1, label=L("fps"),
+                                     info=L("fps_info"), elem_id="fps")
+                        steps = Slider(lim.min_steps, lim.max_steps, value=dflt.steps, step=1, label=L("steps"),
+                                       info=L("steps_info"), elem_id="steps")
+                    with gr.Row(equal_height=True):
+                        guidance = Slider(lim.min_guidance_scale, lim.max_guidance_scale, value=dflt.guidance_scale,
+                                          step=0.5, label=L("guidance"), info=L("guidance_info"), scale=2,
+                                          elem_id="guidance")
+                        seed = Number(label=L("seed"), value=dflt.seed, precision=0, minimum=-1, maximum=MAX_SEED,
+                                      scale=2, elem_id="seed")
+                        with gr.Column(scale=1, min_width=120):
+                            seed_random = gr.Button(L("seed_random"), size="sm", elem_id="seed-random")
+                            seed_reuse = gr.Button(L("seed_reuse"), size="sm", elem_id="seed-reuse")
+                with gr.Row():
+                    generate_btn = gr.Button(L("generate"), variant="primary", scale=3, elem_id="generate-btn")
+                    cancel_btn = gr.Button(L("cancel"), variant="stop", scale=1, elem_id="cancel-btn")
+
+            # Outputs -----------------------------------------------------------------------------
+            with gr.Column(scale=1, elem_id="outputs"):
+                video = gr.Video(label=L("output_video"), autoplay=True, loop=True, buttons=["download"],
+                                 interactive=False, height=420, elem_id="output-video")
+                info = gr.Markdown(L("info_empty"), elem_id="run-info")
+                with gr.Accordion(L("details"), open=False):
+                    details = gr.JSON(elem_id="details")
+                gallery = gr.Gallery(label=L("history"), columns=4, height=300, allow_preview=False,
+                                     fit_columns=False, object_fit="cover", interactive=False, buttons=[],
+                                     elem_id="history")
+                with gr.Row(equal_height=True):
+                    gr.Markdown(L("history_hint"))
+                    refresh_btn = gr.Button(L("refresh"), size="sm", scale=0, elem_id="history-refresh")
+
+        sliders = [resolution, num_frames, fps, steps, guidance]
+        timer = gr.Timer(STATUS_POLL_S)
+
+        # Status bar, and the demo model's small defaults once the model turns out to be tiny -----
+        def refresh_status(res: float, frames: float, fps_: float, steps_: float, cfg: float, settled: bool,
+                           request: gr.Request) -> tuple[Any, ...]:
+            lang = request_lang(request)
+            status = service.status()
+            bar = render_status(status, lang)
+            keep = (gr.skip(),) * 6
+            if settled or status["state"] == "loading":
+                return (bar, settled, *keep)
+            untouched = (res, frames, fps_, steps_, cfg) == default_values
+            if not (status["demo"] and untouched):
+                return (bar, True, *keep)
+            return (bar, True, gr.update(choices=[*preset_choices, (L("preset:demo"), "demo")], value="demo"),
+                    *preset_values("demo"))
+
+        status_io = {"fn": refresh_status, "inputs": [*sliders, defaults_settled],
+                     "outputs": [status_bar, defaults_settled, preset, *sliders], "queue": False,
+                     "show_progress": "hidden", "api_visibility": "private"}
+        demo.load(**status_io)
+        timer.tick(**status_io)
+
+        # History -------------------------------------------------------------------------------
+        def refresh_history() -> tuple[list[tuple[str, str]], list[str]]:
+            return _history_items(service)
+
+        demo.load(refresh_history, None, [gallery, history_paths], queue=False, api_visibility="private")
+        refresh_btn.click(refresh_history, None, [gallery, history_paths], queue=False, api_visibility="private")
+
+        def load_from_history(paths: list[str], evt: gr.SelectData, request: gr.Request) -> tuple[Any, ...]:
+            lang = request_lang(request)
+            path = Path(paths[evt.index]) if paths and 0 <= evt.index < len(paths) else None
+            if path is None or not path.is_file():
+                gr.Warning(text("history_missing", lang, name=path.name if path else "?"))
+                return (gr.skip(),) * 12
+            meta = read_metadata(path)
+            info_md = render_info(meta, path.name, lang, [text("info_from_history", lang)])
+
+            def value(key: str) -> Any:
+                return meta[key] if meta.get(key) is not None else gr.skip()
+
+            return (str(path), info_md, meta, value("prompt"), value("negative_prompt"), value("resolution"),
+                    value("num_frames"), value("fps"), value("steps"), value("guidance_scale"), value("seed"), None)
+
+        gallery.select(load_from_history, [history_paths],
+                       [video, info, details, prompt, negative, *sliders, seed, preset], queue=False,
+                       api_visibility="private")
+
+        # Presets, seed, crop preview -------------------------------------------------------------
+        def use_example(evt: gr.SelectData) -> tuple[str, str]:
+            path, example_prompt = examples[evt.index]
+            return str(path), example_prompt
+
+        example_gallery.select(use_example, None, [image, prompt], queue=False, api_visibility="private")
+        preset.input(preset_values, [preset], sliders, queue=False, api_visibility="private")
+        for slider in sliders:  # a hand-set value no longer matches any preset
+            slider.input(lambda: None, None, [preset], queue=False, api_visibility="private")
+        seed_random.click(lambda: -1, None, [seed], queue=False, api_visibility="private")
+
+        def reuse_seed(last: int | None, request: gr.Request) -> Any:
+            if last is None:
+                gr.Info(text("no_last_seed", request_lang(request)))
+                return gr.skip()
+            return last
+
+        seed_reuse.click(reuse_seed, [last_seed], [seed], queue=False, api_visibility="private")
+
+        def preview_crop(img: str | None, res: float, request: gr.Request) -> Any:
+            if not img:
+                return None
+            try:
+                return service.preview_crop(img, int(res))
+            except AppError as exc:
+                gr.Warning(_escape(exc.message(request_lang(request))))
+                return None
+
+        for trigger in (image.change, resolution.change):
+            trigger(preview_crop, [image, resolution], [crop], queue=False, show_progress="hidden",
+                    api_visibility="private")
+
+        # Generate and cancel: the public API ------------------------------------------------------
+        def generate(image: str | None, prompt: str, negative_prompt: str, resolution: float, num_frames: float,
+                     fps: float, steps: float, guidance_scale: float, seed: float, request: gr.Request,
+                     progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's idiom)
+                     ) -> tuple[str, str, dict[str, Any], int]:
+            """Make a short MP4 video from one image and a prompt with I2VGen-XL.
+
+            Args:
+                image: the input image (PNG, JPEG, WebP…); the model uses its centre square crop.
+                prompt: what should happen in the video, e.g. "waves roll onto the beach" (English works best).
+                negative_prompt: what the video should not show.
+                resolution: output side in pixels, a multiple of 64 (512 standard, 768 high quality).
+                num_frames: number of frames in the video.
+                fps: frame rate; also conditions the motion.
+                steps: denoising (inference) steps.
+                guidance_scale: how closely the video follows the prompt.
+                seed: random seed; -1 picks a new one each run.
+            Returns:
+                The MP4 video, a short summary (seed, time per stage, peak VRAM, file name) and all parameters.
+            """
+            lang = request_lang(request)
+            session = request.session_hash or "no-session"
+            cancel = jobs.open(session)
+            req = GenerationRequest(image=image, prompt=prompt, negative_prompt=negative_prompt,
+                                    resolution=resolution, num_frames=num_frames, fps=fps, steps=steps,
+                                    guidance_scale=guidance_scale, seed=seed)
+            try:
+                result = _generate_with_progress(service, req, cancel, progress, lang)
+            except AppError as exc:
+                log.info("generate refused (%s): %s", type(exc).__name__, exc.en)
+                raise user_error(exc, lang) from None
+            except Exception as exc:  # the trace goes to the log, never to the page
+                log.exception("generate failed")
+                raise gr.Error(_escape(text("unexpected", lang, kind=type(exc).__name__, logs=logs_dir)),
+                               title=text("error_title", lang), print_exception=False) from None
+            finally:
+                jobs.close(session, cancel)
+            notes = [w.text(lang) for w in result.warnings]
+            details_ = {**result.metadata, "file": result.video_path.name}
+            return (str(result.video_path), render_info(result.metadata, result.video_path.name, lang, notes),
+                    details_, result.seed)
+
+        gen_event = generate_btn.click(
+            generate, [image, prompt, negative, *sliders, seed], [video, info, details, last_seed],
+            api_name="generate", concurrency_limit=1, concurrency_id=GPU_QUEUE, show_progress_on=[video],
+        )
+        gen_event.success(refresh_history, None, [gallery, history_paths], queue=False, api_visibility="private")
+
+        def cancel(request: gr.Request) -> str:
+            """Cancel this client's running generation: it stops after the current step and writes no file."""
+            running = jobs.cancel(request.session_hash or "no-session")
+            return text("cancel_requested" if running else "cancel_nothing", request_lang(request))
+
+        # `cancels` drops a job still waiting in the queue; the event above stops a running one.
+        cancel_btn.click(cancel, None, [info], api_name="cancel", queue=False, cancels=[gen_event])
+    return demo
+
+
+def _generate_with_progress(service: GenerationService, req: GenerationRequest, cancel: threading.Event,
+                            progress: Any, lang: str) -> GenerationResult:
+    """service.generate with its progress shown as 'step i/N · about 12 s left' in `lang`."""
+    if service.state.value == "loading":
+        progress(0.0, desc=text("progress_wait_model", lang))
+
+    def on_progress(p: Any) -> None:
+        if p.stage == "encode":
+            progress(0.0, desc=text("progress_encode", lang))
+        elif p.stage == "denoise":
+            eta = duration(p.eta_s, lang) if p.eta_s is not None else "?"
+            progress((p.step, p.total), desc=text("progress_denoise", lang, i=p.step, n=p.total, eta=eta),
+                     unit="steps")
+        elif p.step >= p.total:
+            progress(1.0, desc=text("progress_write", lang))
+        else:
+            progress((p.step, p.total), desc=text("progress_decode", lang, i=p.step, n=p.total), unit="frames")
+
+    return service.generate(req, on_progress=on_progress, cancel=cancel)
+
+
+# The server --------------------------------------------------------------------------------------
+
+def _lan_address() -> str | None:
+    """This PC's address on its LAN (the interface of the default route); no packet is sent."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def run_server(service: GenerationService, settings: Settings, *, host: str, port: int, share: bool = False,
+               auth: tuple[str, str] | None = None, mcp: bool = False, block: bool = True) -> Any:
+    """Launch the UI with the safe defaults; block until Ctrl+C, or return the Blocks if block=False."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    if mcp and importlib.util.find_spec("mcp") is None:
+        raise InputError('--mcp needs Gradio\'s MCP extra. Install it with: pip install "gradio[mcp]"',
+                         '--mcp 需要 Gradio 的 MCP 扩展。请先安装:pip install "gradio[mcp]"')
+    import gradio as gr
+
+    outputs = settings.path("outputs").resolve()
+    outputs.mkdir(parents=True, exist_ok=True)
+    demo = build_ui(service, settings)
+    demo.queue(default_concurrency_limit=1, max_size=settings.server.max_queue_size, api_open=False)
+    theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate",
+                           font=["ui-sans-serif", "system-ui", "Noto Sans CJK SC", "sans-serif"],
+                           font_mono=["ui-monospace", "monospace"])
+    try:
+        _, local_url, share_url = demo.launch(
+            server_name=host, server_port=port, share=share, auth=auth,
+            allowed_paths=[str(outputs)], max_file_size=f"{settings.limits.max_upload_mb}mb",
+            show_error=False, run_history=False, mcp_server=mcp, enable_monitoring=False, ssr_mode=False,
+            footer_links=["api", "settings"], prevent_thread_lock=True, quiet=True, inbrowser=False,
+            i18n=gr.I18n(**translations(settings)), theme=theme, css=CSS,
+        )
+    except OSError as exc:
+        if "port" in str(exc).lower():
+            raise InputError(f"Port {port} on {host} is in use; pick another with --port.",
+                             f"端口 {port} 被占用 ({host});请用 --port 指定其他端口。") from None
+        raise
+    if mcp and getattr(demo, "mcp_error", None):
+        demo.close()
+        raise AppError(f"The MCP server did not start: {demo.mcp_error}", f"MCP 服务未能启动:{demo.mcp_error}")
+
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{shown_host}:{demo.server_port}"
+    print("[SUCCESS] Web UI is running / 网页界面已启动", flush=True)
+    print(f"📍 访问地址 / Local URL: {url}", flush=True)
+    if host in ("0.0.0.0", "::"):
+        lan = _lan_address()
+        where = f"http://{lan}:{demo.server_port}" if lan else f"this PC's LAN address, port {demo.server_port}"
+        print(f"[INFO] Open to the LAN / 已对局域网开放: {where}", flush=True)
+    if share_url:
+        print(f"[INFO] Share link / 公开链接: {share_url}", flush=True)
+    if mcp:
+        print(f"[INFO] MCP server / MCP 服务: {url}/gradio_api/mcp/sse", flush=True)
+    log.info("web UI on %s (share=%s, auth=%s, mcp=%s)", local_url, bool(share_url), auth is not None, mcp)
+    if not block:
+        return demo
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("[INFO] Stopping the web UI / 正在关闭网页界面", flush=True)
+    finally:
+        demo.close()
+    return None

@@ -1,0 +1,452 @@
+"""app/ui.py over HTTP: the real server on a free port with the tiny model, driven by gradio_client.
+
+/generate returns an H.264 MP4, bad input comes back as the error text (in the caller's language),
+two clients get their own videos, /cancel stops a run without a file, and the file route serves
+outputs/ and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError as ClientAppError
+from gradio_client.utils import Status
+from mp4probe import probe
+
+# No test may reach the network; gradio_client's telemetry obeys only these.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # pandas deprecations in Gradio
+UPLOAD_LIMIT_MB = 1  # small, so the upload-limit test needs no big file
+FAST = {"resolution": 64, "num_frames": 4, "fps": 8, "steps": 2, "guidance_scale": 9.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ui_root(base: Path) -> Path:
+    """A throwaway project root: the shipped configs and empty outputs/ and logs/."""
+    shutil.copytree(REPO / "configs", base / "configs")
+    for name in ("outputs", "logs"):
+        (base / name).mkdir()
+    return base
+
+
+def _ui_settings(root: Path, models: Path, **limits):
+    from app.config import load_settings
+
+    return load_settings(root / "configs" / "config.yaml", root=root, environ={},
+                         overrides={"paths": {"models": str(models)}, "limits": limits})
+
+
+def _launch(service, settings):
+    from app.ui import run_server
+
+    port = _free_port()
+    demo = run_server(service, settings, host="127.0.0.1", port=port, block=False)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def ui_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared with test_ui_browser.py: the tiny model is built once per test session."""
+    return tmp_path_factory.getbasetemp() / "ui-tiny-models"
+
+
+@pytest.fixture(scope="module")
+def api_server(tmp_path_factory, ui_models_dir):
+    """The real app on a free port: tiny model, loading in the background as `serve` does."""
+    from app.engine.loader import load_engine
+    from app.service import GenerationService
+
+    root = _ui_root(tmp_path_factory.mktemp("ui-api"))
+    settings = _ui_settings(root, ui_models_dir, max_upload_mb=UPLOAD_LIMIT_MB)
+    service = GenerationService(settings, lambda: load_engine(settings, source="tiny"))
+    service.start_loading()
+    demo, url = _launch(service, settings)
+    image = root / "input.png"
+    _draw_input(image)
+    yield SimpleNamespace(url=url, service=service, settings=settings, demo=demo, root=root,
+                          outputs=settings.path("outputs"), image=image)
+    demo.close()
+
+
+def _draw_input(path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (120, 90), (30, 80, 160))
+    ImageDraw.Draw(img).ellipse([30, 20, 80, 70], fill=(250, 200, 60))
+    img.save(path)
+
+
+def _client(url: str, **headers: str) -> Client:
+    return Client(url, verbose=False, headers=headers or None, analytics_enabled=False)
+
+
+def _generate(client: Client, image: Path, prompt: str = "a sun rising over the sea", **params):
+    values = {**FAST, "seed": -1, **params}
+    return client.predict(handle_file(str(image)), prompt, "", values["resolution"], values["num_frames"],
+                          values["fps"], values["steps"], values["guidance_scale"], values["seed"],
+                          api_name="/generate")
+
+
+def _listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# The API -----------------------------------------------------------------------------------------
+
+def test_public_api_is_generate_and_cancel(api_server):
+    api = _client(api_server.url).view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {"/generate", "/cancel"}
+    params = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
+    assert params == ["image", "prompt", "negative_prompt", "resolution", "num_frames", "fps", "steps",
+                      "guidance_scale", "seed"]
+
+
+def test_generate_returns_h264_mp4_with_its_info(api_server):
+    # Keyword arguments, as in the README's example.
+    video, info, details = _client(api_server.url).predict(
+        handle_file(str(api_server.image)), "a sun rising over the sea", resolution=64, num_frames=4, fps=8,
+        steps=2, seed=1234, api_name="/generate")
+
+    meta = probe(Path(video))
+    assert meta["codec"] == "h264" and meta["pix_fmt"] == "yuv420p"
+    assert (meta["width"], meta["height"], meta["nb_frames"], meta["fps"]) == (64, 64, 4, 8)
+    assert details["seed"] == 1234 and details["prompt"] == "a sun rising over the sea"
+    assert (api_server.outputs / details["file"]).is_file()
+    assert Path(video).name == details["file"]
+    for word in ("1234", details["file"], "encode", "denoise", "decode", "total", "Demo model (output is noise)"):
+        assert word in info
+
+
+@pytest.mark.parametrize(("params", "headers", "expected"), [
+    ({"prompt": "   "}, {}, "The prompt is empty"),
+    ({"resolution": 100}, {}, "resolution 100 must be a multiple of 64"),
+    ({"steps": 1000}, {}, "steps is 1000, outside the allowed range"),
+    ({"prompt": ""}, {"Accept-Language": "zh-CN,zh;q=0.9,en;q=0.8"}, "提示词为空"),
+    ({"num_frames": 99}, {"Accept-Language": "zh-CN"}, "帧数为 99,超出允许范围"),
+], ids=["empty-prompt", "resolution", "steps", "zh-empty-prompt", "zh-frames"])
+def test_bad_input_returns_the_error_text(api_server, params, headers, expected):
+    before = _listing(api_server.outputs)
+    with pytest.raises(ClientAppError) as err:
+        _generate(_client(api_server.url, **headers), api_server.image, **params)
+    assert expected in str(err.value)
+    assert "Traceback" not in str(err.value)
+    assert _listing(api_server.outputs) == before
+
+
+def test_generate_cannot_read_server_files_as_its_image(api_server):
+    """A raw FileData naming a server path (not an upload) is refused before the service sees it."""
+    before = _listing(api_server.outputs)
+    for path in ("/etc/passwd", str(api_server.image)):
+        payload = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        r = httpx.post(api_server.url + "gradio_api/call/generate",
+                       json={"data": [payload, "a cat", "", 64, 4, 8, 2, 9.0, 1]})
+        assert r.status_code == 200, r.text
+        events = httpx.get(api_server.url + f"gradio_api/call/generate/{r.json()['event_id']}", timeout=60).text
+        assert "event: error" in events and "event: complete" not in events, events
+    assert _listing(api_server.outputs) == before
+
+
+def test_missing_image_returns_the_error_text(api_server):
+    with pytest.raises(ClientAppError, match="Please upload an input image"):
+        _client(api_server.url).predict(None, "a cat", "", 64, 4, 8, 2, 9.0, -1, api_name="/generate")
+
+
+def test_two_concurrent_clients_each_get_their_own_video(api_server):
+    clients = [_client(api_server.url), _client(api_server.url)]
+    jobs = [c.submit(handle_file(str(api_server.image)), f"prompt number {i}", "", 64, 4, 8, 3, 9.0, 100 + i,
+                     api_name="/generate") for i, c in enumerate(clients)]
+    results = [job.result(timeout=180) for job in jobs]
+
+    files = {details["file"] for _, _, details in results}
+    assert len(files) == 2
+    for i, (video, _, details) in enumerate(results):
+        assert details["prompt"] == f"prompt number {i}" and details["seed"] == 100 + i
+        assert probe(Path(video))["nb_frames"] == 4
+        assert (api_server.outputs / details["file"]).is_file()
+
+
+def test_a_waiting_client_is_told_its_queue_position(api_server):
+    first, second = _client(api_server.url), _client(api_server.url)
+    assert api_server.service.wait_until_loaded(120)
+    long_job = first.submit(handle_file(str(api_server.image)), "long", "", 64, 24, 8, 100, 9.0, 1,
+                            api_name="/generate")
+    while not api_server.service.status()["busy"]:
+        time.sleep(0.02)
+    waiting = second.submit(handle_file(str(api_server.image)), "waits its turn", "", 64, 4, 8, 2, 9.0, 2,
+                            api_name="/generate")
+    deadline = time.monotonic() + 20
+    update = waiting.status()
+    while not (update.code == Status.IN_QUEUE and update.rank is not None):
+        assert time.monotonic() < deadline, f"never told its place in the queue: {update}"
+        time.sleep(0.02)
+        update = waiting.status()
+    assert update.rank == 0 and update.queue_size >= 1
+    first.predict(api_name="/cancel")
+    with pytest.raises(ClientAppError):
+        long_job.result(timeout=60)
+    _, _, details = waiting.result(timeout=120)
+    assert details["prompt"] == "waits its turn"
+
+
+def test_cancel_stops_the_run_and_writes_no_file(api_server):
+    client = _client(api_server.url)
+    service = api_server.service
+    assert service.wait_until_loaded(120)
+    before = _listing(api_server.outputs)
+    job = client.submit(handle_file(str(api_server.image)), "a long run", "", 64, 24, 8, 100, 9.0, 7,
+                        api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not service.status()["busy"]:
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+
+    reply = client.predict(api_name="/cancel")
+
+    assert "Cancelling" in reply
+    with pytest.raises(ClientAppError, match="Cancelled by the user; no video was written"):
+        job.result(timeout=60)
+    while service.status()["busy"]:
+        time.sleep(0.05)
+    assert _listing(api_server.outputs) == before
+
+
+def test_cancel_only_touches_the_callers_own_run(api_server):
+    """Another client's /cancel must not stop this run."""
+    job = _client(api_server.url).submit(handle_file(str(api_server.image)), "mine", "", 64, 4, 8, 4, 9.0, 3,
+                                         api_name="/generate")
+    while not api_server.service.status()["busy"] and not job.done():
+        time.sleep(0.02)
+    assert "No run of yours is in progress" in _client(api_server.url).predict(api_name="/cancel")
+    _, _, details = job.result(timeout=120)
+    assert details["prompt"] == "mine"
+
+
+# Safe defaults -----------------------------------------------------------------------------------
+
+def test_launch_uses_the_safe_defaults(api_server):
+    demo = api_server.demo
+    assert demo.allowed_paths == [str(api_server.outputs.resolve())]
+    assert demo.share is False
+    assert demo.show_error is False
+    assert demo.run_history is False
+    assert demo.analytics_enabled is False
+    assert demo.max_file_size == UPLOAD_LIMIT_MB * 1024 * 1024
+    assert demo._queue.max_size == api_server.settings.server.max_queue_size
+    assert demo.server_name == "127.0.0.1"
+
+
+def test_auth_guards_the_page_and_the_api(tmp_path, ui_models_dir):
+    from app.service import GenerationService
+    from app.ui import run_server
+
+    settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
+    port = _free_port()
+    demo = run_server(GenerationService(settings, lambda: None), settings, host="127.0.0.1", port=port,
+                      auth=("alice", "s3cret"), block=False)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        assert httpx.get(url + "config").status_code == 401
+        assert httpx.get(url + "gradio_api/info").status_code == 401
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, auth=("alice", "wrong"), verbose=False, analytics_enabled=False)
+        client = Client(url, auth=("alice", "s3cret"), verbose=False, analytics_enabled=False)
+        assert "No run of yours is in progress" in client.predict(api_name="/cancel")
+    finally:
+        demo.close()
+
+
+def test_upload_over_the_limit_is_refused(api_server):
+    big = os.urandom(UPLOAD_LIMIT_MB * 1024 * 1024 + 4096)
+    r = httpx.post(api_server.url + "gradio_api/upload", files={"files": ("big.png", big, "image/png")})
+    assert r.status_code == 413
+
+
+def test_file_route_serves_outputs_and_nothing_else(api_server):
+    _, _, details = _generate(_client(api_server.url), api_server.image, seed=5)
+    video = (api_server.outputs / details["file"]).resolve()
+    outputs = api_server.outputs.resolve()
+    config = (api_server.root / "configs" / "config.yaml").resolve()
+    base = api_server.url + "gradio_api/file="
+
+    ok = httpx.get(base + str(video))
+    assert ok.status_code == 200 and ok.content == video.read_bytes()
+
+    refused = [
+        str(config),                                     # the project's own config
+        "/etc/passwd",                                   # an absolute system path
+        f"{outputs}/../configs/config.yaml",             # ../ out of outputs/
+        f"{outputs}/%2e%2e/configs/config.yaml",         # encoded ../
+        urllib.parse.quote(f"{outputs}/../configs/config.yaml", safe=""),
+        f"{outputs}/../../{config.parent.parent.name}/configs/config.yaml",
+        "configs/config.yaml",                           # relative to the server's working directory
+        "../" * 12 + "etc/passwd",
+        str(REPO / "pyproject.toml"),                    # the working tree itself
+        str(api_server.settings.path("logs")),           # a folder
+    ]
+    for path in refused:
+        r = httpx.get(base + path)
+        assert r.status_code in (403, 404), (path, r.status_code)
+        assert b"root:" not in r.content and b"max_queue_size" not in r.content
+    for legacy in ("file=", "gradio_api/file/"):
+        r = httpx.get(api_server.url + legacy + str(config))
+        assert r.status_code in (403, 404), (legacy, r.status_code)
+        assert b"max_queue_size" not in r.content
+
+
+# Startup -----------------------------------------------------------------------------------------
+
+def test_page_answers_while_the_model_loads_and_generate_then_says_why(tmp_path, ui_models_dir):
+    """The page is up at once; a model that turns out missing gives its reason, not a hang."""
+    from app.errors import ModelMissingError
+    from app.service import GenerationService
+
+    release = threading.Event()
+
+    def slow_missing_loader():
+        release.wait(60)
+        raise ModelMissingError("No weights in models/i2vgen-xl: run `python -m app download` first.",
+                                "models/i2vgen-xl 中没有模型权重:请先运行 python -m app download。")
+
+    settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
+    service = GenerationService(settings, slow_missing_loader)
+    service.start_loading()
+    demo, url = _launch(service, settings)
+    try:
+        started = time.monotonic()
+        page = httpx.get(url, timeout=10)
+        assert page.status_code == 200
+        assert time.monotonic() - started < 3
+        assert service.state.value == "loading"
+
+        client = _client(url)
+        job = client.submit(handle_file(str(REPO / "tests" / "mp4probe.py")), "x", "", 64, 4, 8, 2, 9.0, 1,
+                            api_name="/generate")
+        with pytest.raises(ClientAppError, match="is not an image"):
+            job.result(timeout=60)  # bad input is refused before waiting for the model
+        image = tmp_path / "in.png"
+        _draw_input(image)
+        job = client.submit(handle_file(str(image)), "a cat", "", 64, 4, 8, 2, 9.0, 1, api_name="/generate")
+        time.sleep(0.5)
+        assert not job.done()  # it waits for the model...
+        release.set()
+        with pytest.raises(ClientAppError, match="run `python -m app download` first"):
+            job.result(timeout=60)  # ...and then says why it can't
+    finally:
+        release.set()
+        demo.close()
+
+
+def test_mcp_without_the_extra_fails_clearly(tmp_path, ui_models_dir):
+    import importlib.util
+
+    from app.errors import InputError
+    from app.service import GenerationService
+    from app.ui import run_server
+
+    if importlib.util.find_spec("mcp") is not None:
+        pytest.skip("gradio[mcp] is installed here")
+    settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
+    with pytest.raises(InputError, match=r'pip install "gradio\[mcp\]"'):
+        run_server(GenerationService(settings, lambda: None), settings, host="127.0.0.1", port=_free_port(),
+                   mcp=True, block=False)
+
+
+def test_mcp_exposes_generate_as_a_tool(tmp_path, ui_models_dir):
+    import importlib.util
+
+    from app.service import GenerationService
+    from app.ui import run_server
+
+    if importlib.util.find_spec("mcp") is None:
+        pytest.skip('gradio[mcp] is not installed (pip install "gradio[mcp]")')
+    settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
+    port = _free_port()
+    demo = run_server(GenerationService(settings, lambda: None), settings, host="127.0.0.1", port=port, mcp=True,
+                      block=False)
+    try:
+        tools = httpx.get(f"http://127.0.0.1:{port}/gradio_api/mcp/schema").json()
+    finally:
+        demo.close()
+    generate = next(t for t in tools if t["name"] == "generate")
+    assert {"image", "prompt", "resolution", "num_frames", "fps", "steps", "guidance_scale", "seed"} <= set(
+        generate["inputSchema"]["properties"])
+
+
+def test_importing_the_ui_starts_nothing_and_building_it_writes_no_source_file(tmp_path, ui_models_dir):
+    import subprocess
+    import sys
+
+    code = "import sys, app.ui; print('gradio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # gradio is imported by build_ui/run_server, never at import
+
+    from app.service import GenerationService
+    from app.ui import build_ui
+
+    stubs = set((REPO / "app").rglob("*.pyi"))
+    settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
+    build_ui(GenerationService(settings, lambda: None), settings)
+    assert set((REPO / "app").rglob("*.pyi")) == stubs  # Gradio writes one for a careless component subclass
+
+
+# Strings -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("header", "lang"), [
+    (None, "en"), ("", "en"), ("fr-FR,fr;q=0.9", "en"), ("zh-CN", "zh"), ("zh-TW,zh;q=0.9", "zh"),
+    ("en-US,en;q=0.9,zh-CN;q=0.8", "en"), ("fr;q=1.0,zh-CN;q=0.7,en;q=0.5", "zh"), ("en;q=0.2,zh;q=0.3", "zh"),
+])
+def test_language_comes_from_accept_language(header, lang):
+    from app.ui_strings import pick_lang
+
+    assert pick_lang(header) == lang
+
+
+def test_every_string_exists_in_both_languages():
+    from app.config import Settings
+    from app.ui_strings import STRINGS, translations
+
+    for key, (en, zh) in STRINGS.items():
+        assert en.strip() and zh.strip(), key
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in zh), key
+    tables = translations(Settings())
+    assert set(tables["en"]) == set(tables["zh"])
+    assert tables["zh"]["preset:standard"].startswith("标准质量模式")
+
+
+def test_status_bar_shows_gpu_vram_demo_and_why_a_model_is_missing():
+    from app.service import Message
+    from app.ui import render_status
+
+    ready = {"state": "ready", "message": Message("Model ready", "模型就绪"), "demo": True, "model": "tiny",
+             "device": "cuda", "low_vram": True, "busy": True, "gpu_name": "NVIDIA GeForce RTX 4090",
+             "vram_total_gib": 23.99, "vram_free_gib": 20.5, "vram_used_by_app_gib": 2.25}
+    en, zh = render_status(ready, "en"), render_status(ready, "zh")
+    for part in ("Model ready · tiny", "Demo model (output is noise)", "NVIDIA GeForce RTX 4090",
+                 "VRAM used by the app 2.2 GiB", "free 20.5 / 24.0 GiB", "Low-VRAM mode", "Generating"):
+        assert part in en
+    for part in ("模型就绪", "演示模型 (输出为噪声)", "本程序占用显存 2.2 GiB", "空闲 20.5 / 24.0 GiB", "低显存模式", "正在生成"):
+        assert part in zh
+    missing = {"state": "missing", "message": Message("Run `python -m app download` <first>.", "请先下载模型。"),
+               "demo": False, "model": "ali-vilab/i2vgen-xl", "device": "cuda", "low_vram": False, "busy": False}
+    assert "Model missing" in render_status(missing, "en")
+    assert "Run `python -m app download` &lt;first&gt;." in render_status(missing, "en")
+    assert "未找到模型" in render_status(missing, "zh") and "请先下载模型" in render_status(missing, "zh")
