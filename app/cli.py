@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=float, help="seed; -1 picks a random one")
     gen.add_argument("--output-dir", type=Path, help="folder for the MP4 and JSON (default: outputs/)")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the UNet as `serve` does (worth it only for many videos: the first "
+                          "compile takes about a minute)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     dl = sub.add_parser("download", help="download the real I2VGen-XL weights into models/", epilog=EXIT_CODES_HELP,
@@ -89,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {"model": {}, "server": {}, "paths": {}}
+    out: dict[str, dict[str, Any]] = {"model": {}, "server": {}, "paths": {}, "accel": {}}
+    if args.command == "generate" and not args.compile:
+        # One video: a minute of compiling would cost far more than the ~3 s it saves.
+        out["accel"]["compile"] = "off"
     if getattr(args, "device", None):
         out["model"]["device"] = args.device
     if getattr(args, "low_vram", None):
