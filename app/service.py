@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import platform
 import threading
 import time
@@ -89,6 +90,20 @@ def _library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return versions
+
+
+def _save_input_image(image: Image.Image, video_path: Path) -> str | None:
+    """Keep the (decoded, size-capped) input beside its video, so the history can restore it too."""
+    target = video_path.with_name(video_path.stem + ".input.png")
+    tmp = target.with_name("." + target.name + ".part")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, target)
+    except OSError as exc:  # the video is what matters; a missing input copy only costs the restore
+        log.warning("could not keep the input image beside %s: %s", video_path.name, exc)
+        tmp.unlink(missing_ok=True)
+        return None
+    return target.name
 
 
 class GenerationService:
@@ -283,10 +298,12 @@ class GenerationService:
             }
             video = self._writer(result.frames_thwc_uint8, sample.fps, self.settings.path("outputs"),
                                 {**metadata, "timings_s": timings})
+            input_name = _save_input_image(image, video.path)
             timings["write"] = time.perf_counter() - write_start
             timings["total"] = time.perf_counter() - started
             metadata["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-            update_metadata(video, {"timings_s": metadata["timings_s"]})
+            metadata["input_image"] = input_name
+            update_metadata(video, {"timings_s": metadata["timings_s"], "input_image": input_name})
         log.info("wrote %s (seed %d, %.1f s)", video.path.name, sample.seed, timings["total"])
         return GenerationResult(video_path=video.path, metadata_path=video.metadata_path, metadata=metadata,
                                 seed=sample.seed, timings_s=metadata["timings_s"], peak_vram_gib=peak,

@@ -308,18 +308,21 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             path = Path(paths[evt.index]) if paths and 0 <= evt.index < len(paths) else None
             if path is None or not path.is_file():
                 gr.Warning(text("history_missing", lang, name=path.name if path else "?"))
-                return (gr.skip(),) * 12
+                return (gr.skip(),) * 13
             meta = read_metadata(path)
             info_md = render_info(meta, path.name, lang, [text("info_from_history", lang)])
 
             def value(key: str) -> Any:
                 return meta[key] if meta.get(key) is not None else gr.skip()
 
+            kept = path.with_name(meta["input_image"]) if meta.get("input_image") else None
+            restored_image = str(kept) if kept is not None and kept.is_file() else gr.skip()
             return (str(path), info_md, meta, value("prompt"), value("negative_prompt"), value("resolution"),
-                    value("num_frames"), value("fps"), value("steps"), value("guidance_scale"), value("seed"), None)
+                    value("num_frames"), value("fps"), value("steps"), value("guidance_scale"), value("seed"), None,
+                    restored_image)
 
         gallery.select(load_from_history, [history_paths],
-                       [video, info, details, prompt, negative, *sliders, seed, preset], queue=False,
+                       [video, info, details, prompt, negative, *sliders, seed, preset, image], queue=False,
                        api_visibility="private")
 
         # Presets, seed, crop preview -------------------------------------------------------------

@@ -90,8 +90,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     "stage_decode": ("decode", "解码"),
     "stage_write": ("write", "写入"),
     "stage_total": ("total", "总计"),
-    "info_from_history": ("Loaded from the history. Upload an input image to make a new video with these settings.",
-                          "已从历史记录载入,参数已填入左侧。如需用这些参数重新生成,请上传输入图片。"),
+    "info_from_history": ("Loaded from the history: its image and settings are back in the inputs.",
+                          "已从历史记录载入:图片和参数已填入左侧。"),
     # Messages --------------------------------------------------------------------------------------
     "error_title": ("Error", "错误"),
     "cancelled_title": ("Cancelled", "已取消"),

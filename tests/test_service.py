@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from mp4probe import probe
+from PIL import Image
 
 from app.errors import CancelledError, InputError, ModelNotReadyError, OutOfMemoryError
 from app.service import GenerationRequest, GenerationService, ModelState
@@ -76,6 +77,11 @@ def test_generate_writes_playable_mp4_and_metadata(make_service, image_rgb, sett
     assert set(meta["timings_s"]) >= {"encode", "denoise", "decode", "write", "total"}
     assert meta["versions"]["torch"] == torch.__version__
     assert "peak_vram_gib" in meta and meta["negative_prompt"]
+    # The decoded input is kept beside the video, so the history can restore it.
+    kept = result.video_path.with_name(meta["input_image"])
+    assert kept.name.endswith(".input.png") and Image.open(kept).size == (120, 100)
+    assert sorted(p.name for p in result.video_path.parent.iterdir()) == sorted(
+        [result.video_path.name, result.metadata_path.name, kept.name])
 
 
 @pytest.mark.parametrize("ending", ["success", "failure", "cancel"])

@@ -225,6 +225,9 @@ def test_history_entry_loads_its_video_and_settings(ui, browser):
     src = page.locator("#output-video video").get_attribute("src")
     assert src.endswith(ui.earlier.video_path.name)
     sync_api.expect(page.locator("#run-info")).to_contain_text(ui.earlier.video_path.name)
+    # The input image kept beside the video comes back too, and with it the crop preview.
+    sync_api.expect(page.locator("#input-image img")).to_be_visible()
+    sync_api.expect(page.locator("#crop-preview img")).to_be_visible()
     page.context.close()
 
 
