@@ -355,15 +355,15 @@ def test_page_answers_while_the_model_loads_and_generate_then_says_why(tmp_path,
         demo.close()
 
 
-def test_mcp_without_the_extra_fails_clearly(tmp_path, ui_models_dir):
+def test_mcp_without_the_extra_fails_clearly(tmp_path, ui_models_dir, monkeypatch):
     import importlib.util
 
     from app.errors import InputError
     from app.service import GenerationService
     from app.ui import run_server
 
-    if importlib.util.find_spec("mcp") is not None:
-        pytest.skip("gradio[mcp] is installed here")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mcp" else real_find_spec(name, *a))
     settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
     with pytest.raises(InputError, match=r'pip install "gradio\[mcp\]"'):
         run_server(GenerationService(settings, lambda: None), settings, host="127.0.0.1", port=_free_port(),
