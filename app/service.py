@@ -27,7 +27,7 @@ from app.engine.loader import LoadedEngine
 from app.engine.sampler import CLIP_MAX_TOKENS, I2VGenXLSampler, Progress, SampleRequest
 from app.errors import AppError, CancelledError, InputError, ModelNotReadyError, OutOfMemoryError
 from app.inputs import check_params, check_prompt, load_image
-from app.video import VideoEntry, VideoFile, list_videos, update_metadata, write_video
+from app.video import VideoEntry, VideoFile, list_videos, remove_stale_partials, update_metadata, write_video
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ class GenerationService:
     def load(self) -> None:
         """Load the model in this thread; the outcome is kept in state() rather than raised."""
         started = time.perf_counter()
+        for leftover in remove_stale_partials(self.settings.path("outputs")):
+            log.info("removed %s, left by an interrupted run", leftover.name)
         try:
             engine = self._engine_loader()
         except AppError as exc:

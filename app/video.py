@@ -166,6 +166,29 @@ def read_metadata(video_path: Path) -> dict[str, Any]:
     return data
 
 
+def remove_stale_partials(out_dir: Path, max_age_s: float = 3600.0, *, now: float | None = None) -> list[Path]:
+    """Delete hidden ``.video_*.part`` and ``.lock`` files a crashed run left behind (older than max_age_s).
+
+    Live writes are never that old, so a running writer in another process is left alone.
+    """
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    if not Path(out_dir).is_dir():
+        return removed
+    for path in Path(out_dir).glob(".video_*"):
+        if path.suffix not in (".part", ".lock"):
+            continue
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+                removed.append(path)
+        except OSError as exc:  # held open elsewhere (Windows) or already gone: try again next start
+            logger.debug("could not remove %s: %s", path, exc)
+    return removed
+
+
 def update_metadata(video: VideoFile, updates: dict[str, Any]) -> dict[str, Any]:
     """Merge ``updates`` into a video's JSON, atomically (used to add the write time afterwards)."""
     payload = {**read_metadata(video.path), **updates}

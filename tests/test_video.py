@@ -316,3 +316,21 @@ def test_importing_the_module_touches_nothing(tmp_path):
 def test_bundled_ffmpeg_probe_agrees_with_ffprobe(tmp_path):
     result = write_video(moving_frames(5, 65, 63), 24, tmp_path, {}, now=NOW)
     assert _probe_bundled_ffmpeg(result.path) == probe(result.path)
+
+
+def test_stale_partials_from_a_crash_are_removed_and_fresh_ones_kept(tmp_path):
+    import os
+    import time
+
+    old = [tmp_path / ".video_20260101_000000_000.mp4.part", tmp_path / ".video_20260101_000000_000.lock"]
+    fresh = tmp_path / ".video_20260102_000000_000.mp4.part"
+    keep = tmp_path / "video_20260101_000000_000.mp4"
+    for path in [*old, fresh, keep]:
+        path.write_bytes(b"x")
+    hour_ago = time.time() - 7200
+    for path in [*old, keep]:
+        os.utime(path, (hour_ago, hour_ago))
+    removed = video.remove_stale_partials(tmp_path, max_age_s=3600)
+    assert sorted(removed) == sorted(old)
+    assert fresh.exists() and keep.exists()
+    assert video.remove_stale_partials(tmp_path / "missing") == []
