@@ -476,7 +476,8 @@ def ensure_folders(config: LauncherConfig) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 def platform_report(smi: diagnose.SmiResult, wsl: int | None, torch: Mapping[str, object] | None,
-                    *, device: str | None, is_windows: bool, fix_python: str) -> list[tuple[str, str]]:
+                    *, device: str | None, is_windows: bool, fix_python: str,
+                    demo: bool = False) -> list[tuple[str, str]]:
     """(level, line) pairs for step 5, made from the same findings as `python -m app diagnose`."""
     lines = []
     kind = {None: "", 1: " (WSL1)", 2: " (WSL2)"}[wsl]
@@ -493,8 +494,8 @@ def platform_report(smi: diagnose.SmiResult, wsl: int | None, torch: Mapping[str
     facts = diagnose.Facts(os_name="", is_windows=is_windows, wsl=wsl, python_version="", python_exe="",
                            torch=torch, smi=smi, wsl_gpu_bridge=Path("/dev/dxg").exists(), fix_python=fix_python)
     for finding in diagnose.assess(facts):
-        if device == "cpu" and finding.key in ("no-gpu", "wsl-no-gpu"):
-            continue  # the user chose the CPU on purpose
+        if (device == "cpu" or demo) and finding.key in ("no-gpu", "wsl-no-gpu"):
+            continue  # the user chose the CPU or the demo model on purpose
         level = {"problem": "WARN", "warning": "WARN", "info": "INFO"}[finding.level]
         lines.append((level, f"{finding.zh} / {finding.en}"))
         if finding.fix:
@@ -763,7 +764,7 @@ def launch(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str,
     torch = probe_torch(env.python) if smi.gpus else None
     fix_python = diagnose.fix_python_for(env.python, root, IS_WINDOWS)
     for level, line in platform_report(smi, wsl, torch, device=args.device, is_windows=IS_WINDOWS,
-                                       fix_python=fix_python):
+                                       fix_python=fix_python, demo=args.model == "tiny"):
         say(level, line)
 
     # 6. Model

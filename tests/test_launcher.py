@@ -564,6 +564,14 @@ def test_platform_report_is_calm_when_the_user_chose_the_cpu():
     assert all(level != "WARN" for level, _ in lines)
 
 
+def test_platform_report_warns_without_a_gpu_unless_the_demo_model_was_chosen():
+    args = dict(device=None, is_windows=False, fix_python="python")
+    plain = start_app.platform_report(diagnose.SmiResult(found=False), None, None, **args)
+    assert any(level == "WARN" and "No NVIDIA GPU" in line for level, line in plain)
+    demo = start_app.platform_report(diagnose.SmiResult(found=False), None, None, demo=True, **args)
+    assert all(level != "WARN" for level, _ in demo)
+
+
 # --- Step 6: model --------------------------------------------------------------------------------
 
 def test_model_is_found_in_models_or_the_hf_cache(tmp_path):
