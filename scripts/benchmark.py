@@ -6,7 +6,8 @@ Writes JSON (one file per part) and prints a table last.
     python scripts/benchmark.py --out bench/ --parts ref512,ours512,compile512 --runs 3
     python scripts/benchmark.py --out bench/ --table          # print the table of everything measured
 
-Parts: load, ref512, fp32ref512, ours512, compile512, ref768, compile768, lowvram, stability, oom, coldstart.
+Parts: load, ref512, fp32ref512, ours512, compile512, ref768, compile768, profile512, lowvram, stability, oom,
+coldstart. `--scope full --cuda-graphs` compiles the whole UNet with CUDA graphs instead of the default regions.
 `--tiny` runs the same code on the tiny model on a CPU, to check the script itself.
 """
 
@@ -299,6 +300,33 @@ def part_ours(ctx, res, frames, scope):
                     "accel_notes": report.notes if report else []})
 
 
+def part_profile(ctx, res, frames):
+    """Where one denoising step's time goes: the top kernels over 3 UNet calls, after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    req = ctx.request(res, frames, steps=3)
+    s = ctx.base_sampler
+    s.generate(req)  # warm-up (and compile, if a scope was applied earlier in this run)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        s.generate(req)
+        sync(ctx.device)
+    on_gpu = ctx.device.type == "cuda"
+
+    def self_us(e) -> float:
+        if on_gpu:  # renamed from self_cuda_time_total in newer torch
+            return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        return e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1
+    top = [{"name": e.key[:120], "self_ms": self_us(e) / 1e3, "pct": 100 * self_us(e) / total, "calls": e.count}
+           for e in events[:25]]
+    key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+    ctx.save(f"profile{res}", {"what": f"3-step run, compile={getattr(s, '_bench_scope', 'off')}", "top": top})
+
+
 def part_lowvram(ctx):
     req = ctx.request(512, 16)
     shared = ctx.shared_inputs(req)
@@ -508,6 +536,7 @@ def main() -> None:
         "compile512": lambda: part_ours(ctx, 512, 16, args.scope),
         "ref768": lambda: part_ref(ctx, 768, 24),
         "compile768": lambda: part_ours(ctx, 768, 24, args.scope),
+        "profile512": lambda: part_profile(ctx, 512, 16),
         "lowvram": lambda: part_lowvram(ctx),
         "stability": lambda: part_stability(ctx),
         "oom": lambda: part_oom(ctx),
