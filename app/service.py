@@ -25,7 +25,14 @@ from app.engine import device as gpu
 from app.engine.imageops import center_crop_resize
 from app.engine.loader import LoadedEngine
 from app.engine.sampler import CLIP_MAX_TOKENS, I2VGenXLSampler, Progress, SampleRequest
-from app.errors import AppError, CancelledError, InputError, ModelNotReadyError, OutOfMemoryError
+from app.errors import (
+    AppError,
+    CancelledError,
+    InputError,
+    ModelMissingError,
+    ModelNotReadyError,
+    OutOfMemoryError,
+)
 from app.inputs import check_params, check_prompt, load_image
 from app.video import VideoEntry, VideoFile, list_videos, remove_stale_partials, update_metadata, write_video
 
@@ -138,7 +145,7 @@ class GenerationService:
             engine = self._engine_loader()
         except AppError as exc:
             self._engine = None
-            self._state = ModelState.MISSING if exc.exit_code == 3 else ModelState.ERROR
+            self._state = ModelState.MISSING if isinstance(exc, ModelMissingError) else ModelState.ERROR
             self._state_message = Message(exc.en, exc.zh)
             log.warning("model not loaded: %s", exc.en)
         except Exception as exc:  # keep the app up and say why; the trace goes to the log
@@ -173,7 +180,7 @@ class GenerationService:
         return self._engine
 
     def status(self) -> dict[str, Any]:
-        """Model state and GPU memory, for the status bar and `diagnose`."""
+        """Model state and GPU memory, for the UI's status bar."""
         engine = self._engine
         info: dict[str, Any] = {
             "state": self._state.value,
@@ -291,6 +298,7 @@ class GenerationService:
                 "device": str(engine.device),
                 "dtype": engine.dtype_name,
                 "low_vram": engine.offload,
+                "accel": {"compile": engine.accel.compile, "notes": engine.accel.notes},
                 "input_image_size": list(image.size),
                 "prompt_truncated": result.prompt_truncated,
                 "warnings": [w.en for w in warnings],
