@@ -123,3 +123,17 @@ def test_download_refuses_offline_and_fetches_only_what_is_needed(tiny_model_dir
     assert json.loads((path / ".source.json").read_text())["repo_id"] == "ali-vilab/i2vgen-xl"
     allow, ignore = download_patterns("")
     assert "*/*.safetensors" in allow and "*.fp16.*" in ignore
+
+
+def test_old_text_model_key_layout_of_the_real_checkpoint_loads_every_weight(tiny_model_dir, tmp_path):
+    """ali-vilab/i2vgen-xl stores its text encoder as `text_model.*`; transformers 5 dropped that level."""
+    folder = _copy(tiny_model_dir, tmp_path / "old-layout")
+    path = folder / "text_encoder" / "model.safetensors"
+    weights = load_file(path)
+    assert not any(k.startswith("text_model.") for k in weights)
+    save_file({f"text_model.{k}": v for k, v in weights.items()}, path, metadata={"format": "pt"})
+    c = load_components(folder, dtype=torch.float32)
+    loaded = c.text_encoder.state_dict()
+    assert set(loaded) == set(weights)
+    for key, value in weights.items():
+        assert torch.equal(loaded[key], value), key
