@@ -183,6 +183,9 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             _say("ERROR", "--auth needs USER:PASS, e.g. --auth alice:secret / --auth 格式为 用户名:密码")
             return EXIT_BAD_INPUT
         auth = (user, password)
+    if settings.server.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        _say("WARN", "The app is open to other machines with no login; add --auth USER:PASS. / "
+                     "已对其他设备开放且无需登录,建议加上 --auth 用户名:密码。")
     service = _make_service(args, settings)
     service.start_loading()
     if args.model == "tiny":
