@@ -16,6 +16,7 @@ from app.engine.components import (
     download_patterns,
     load_components,
     resolve_model_dir,
+    snapshot_revision,
 )
 from app.engine.tiny import build_tiny_components, save_hub_layout
 from app.errors import ModelMissingError
@@ -137,3 +138,15 @@ def test_old_text_model_key_layout_of_the_real_checkpoint_loads_every_weight(tin
     assert set(loaded) == set(weights)
     for key, value in weights.items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_snapshot_revision_names_the_commit(tmp_path):
+    cached = tmp_path / "models--ali-vilab--i2vgen-xl" / "snapshots" / "39e1979ea27be737b0278c06755e321f2b4360d5"
+    cached.mkdir(parents=True)
+    assert snapshot_revision(cached) == "39e1979ea27be737b0278c06755e321f2b4360d5"
+    local = tmp_path / "models" / "i2vgen-xl"
+    meta = local / ".cache" / "huggingface" / "download" / "model_index.json.metadata"
+    meta.parent.mkdir(parents=True)
+    meta.write_text("0123abcd\netag\n1700000000.0\n", encoding="utf-8")
+    assert snapshot_revision(local) == "0123abcd"
+    assert snapshot_revision(tmp_path) is None

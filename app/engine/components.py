@@ -147,6 +147,19 @@ def download_model(hub_id: str, local_dir: Path, *, revision: str | None = None,
     return path
 
 
+def snapshot_revision(model_dir: Path) -> str | None:
+    """The commit a hub snapshot came from: the HF cache's snapshots/<commit> folder, or the
+    metadata huggingface_hub writes into a local_dir download. None for a hand-made folder."""
+    if model_dir.parent.name == "snapshots":
+        return model_dir.name
+    meta = model_dir / ".cache" / "huggingface" / "download" / "model_index.json.metadata"
+    try:
+        first = meta.read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, IndexError):
+        return None
+    return first or None
+
+
 def _variant_of(folder: Path, variant: str) -> str | None:
     """Use the requested variant only where its files exist (the tiny model has plain files)."""
     return variant if variant and any(folder.glob(f"*.{variant}.*")) else None

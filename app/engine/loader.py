@@ -13,7 +13,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.engine import device as gpu
-from app.engine.components import load_components, resolve_model_dir
+from app.engine.components import load_components, resolve_model_dir, snapshot_revision
 from app.engine.accel import AccelReport, apply_accel
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 from app.engine.tiny import TINY_MODEL_ID, ensure_tiny_model
@@ -47,7 +47,7 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
     else:
         model_dir = resolve_model_dir(source, local_dir=settings.model_local_dir, revision=settings.model.revision,
                                       variant=settings.model.variant)
-        revision = settings.model.revision
+        revision = snapshot_revision(model_dir) or settings.model.revision
     offload = gpu.choose_offload(settings.model.low_vram, dev, settings.model.low_vram_threshold_gib)
     log.info("loading %s from %s on %s (%s%s)", source, model_dir, dev, dtype, ", low-VRAM" if offload else "")
     components = load_components(model_dir, dtype=dtype, variant=settings.model.variant, model_id=source,
