@@ -85,3 +85,13 @@ def test_setup_failure_stays_eager(sampler):
 
     report = apply_accel(sampler, "regional", compiler=refuse, force=True)
     assert report.compile == "off" and "no compiler here" in report.notes[0]
+
+
+def test_no_triton_means_eager_with_a_note(sampler, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    report = apply_accel(sampler, "regional", force=True)
+    assert report.compile == "off" and "Triton is not installed" in report.notes[0]
+    assert sampler.denoise_fn == sampler._unet_forward

@@ -4,6 +4,7 @@ and an on-disk compile cache. Every speedup falls back to eager with a warning, 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -81,6 +82,13 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, cache_di
         return report
     if sampler.offload:
         report.notes.append("compile skipped: low-VRAM mode moves the UNet between devices")
+        return report
+    if compiler is None and importlib.util.find_spec("triton") is None:
+        # Native Windows has no Triton by default, and Inductor needs it for CUDA kernels: trying would
+        # only fail on the first generation. Say so once and run eager.
+        note = "compile skipped: Triton is not installed (usual on native Windows; WSL2 and Linux have it)"
+        report.notes.append(note)
+        log.warning(note)
         return report
     compiler = compiler or torch.compile
     if cache_dir is not None:
