@@ -1,8 +1,8 @@
 """Environment check (环境检测): what this machine offers I2VGen-XL, and what to fix.
 
 `python -m app diagnose` and `start_app.py --diagnose` print the report made here. The module
-imports only the standard library, because start_app.py uses it before anything is installed;
-torch is probed lazily, in this interpreter or in another one (the project's .venv).
+imports only the standard library (and app.engine.components, which does too), because start_app.py
+uses it before anything is installed; torch is probed lazily, in this interpreter or in another one (the project's .venv).
 
 Exit code of `run`: 0 when nothing blocks the app (warnings allowed), 1 when problems were found.
 """
@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from app.engine.components import snapshot_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -265,25 +267,8 @@ def hf_hub_cache(environ: Mapping[str, str]) -> Path:
     return base / "huggingface" / "hub"
 
 
-def model_folder_problem(folder: Path) -> str | None:
-    """None when `folder` holds a complete hub-layout pipeline, else what is missing (one line)."""
-    index = folder / "model_index.json"
-    try:
-        components = json.loads(index.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return f"{index} does not exist"
-    except (OSError, ValueError) as exc:
-        return f"{index} cannot be read ({exc})"
-    for name, value in components.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
-        part = folder / name
-        if not part.is_dir():
-            return f"the {name}/ folder is missing"
-        has_weights = any(part.glob("*.safetensors")) or any(part.glob("*.bin"))
-        if (part / "config.json").is_file() and not has_weights:
-            return f"{name}/ has no weights (an unfinished download?)"
-    return None
+# One definition of "complete" for the launcher, diagnose and the loader.
+model_folder_problem = snapshot_problem
 
 
 def find_model(local_dir: Path | None, hub_id: str, environ: Mapping[str, str]) -> tuple[Path | None, list[Path]]:

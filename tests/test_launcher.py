@@ -99,15 +99,19 @@ def make_model(folder: Path, *, with_weights: bool = True) -> Path:
     """A hub-layout folder shaped like I2VGen-XL's (empty weight files are enough for the presence check)."""
     index = {"_class_name": "I2VGenXLPipeline",
              "unet": ["diffusers", "I2VGenXLUNet"], "vae": ["diffusers", "AutoencoderKL"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+             "feature_extractor": ["transformers", "CLIPImageProcessor"], "scheduler": ["diffusers", "DDIMScheduler"]}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
-    for part in ("unet", "vae"):
+    weights = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+               "image_encoder": "model"}
+    for part, stem in weights.items():
         (folder / part).mkdir(exist_ok=True)
         (folder / part / "config.json").write_text("{}", encoding="utf-8")
         if with_weights:
-            (folder / part / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
-    for part in ("tokenizer", "scheduler"):
+            (folder / part / f"{stem}.fp16.safetensors").write_bytes(b"")
+    for part in ("tokenizer", "scheduler", "feature_extractor"):
         (folder / part).mkdir(exist_ok=True)
     return folder
 

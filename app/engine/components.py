@@ -69,14 +69,32 @@ def _how_to_get(hub_id: str, local_dir: Path) -> tuple[str, str]:
     return en, zh
 
 
-def is_complete_snapshot(folder: Path) -> bool:
-    """True when folder has model_index.json and every component folder with weights."""
-    if not (folder / "model_index.json").is_file():
-        return False
+def snapshot_problem(folder: Path) -> str | None:
+    """None when `folder` holds a complete hub-layout pipeline, else what is missing (one line).
+
+    Standard library only: the launcher calls it (through app.diagnose) before anything is installed.
+    """
+    index = folder / "model_index.json"
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{index} does not exist"
+    except (OSError, ValueError) as exc:
+        return f"{index} cannot be read ({exc})"
+    if not isinstance(components, dict):
+        return f"{index} is not a pipeline index"
+    for name in COMPONENT_NAMES:
+        if not (folder / name).is_dir():
+            return f"the {name}/ folder is missing"
     for name in WEIGHTED:
-        if not any((folder / name).glob("*.safetensors")) and not any((folder / name).glob("*.bin")):
-            return False
-    return all((folder / name).is_dir() for name in COMPONENT_NAMES)
+        part = folder / name
+        if not any(part.glob("*.safetensors")) and not any(part.glob("*.bin")):
+            return f"{name}/ has no weights (an unfinished download?)"
+    return None
+
+
+def is_complete_snapshot(folder: Path) -> bool:
+    return snapshot_problem(folder) is None
 
 
 def resolve_model_dir(source: str, *, local_dir: Path, revision: str | None = None,
@@ -84,11 +102,13 @@ def resolve_model_dir(source: str, *, local_dir: Path, revision: str | None = No
     """Turn a model source (folder or hub id) into a local folder in the hub layout, without downloading."""
     as_path = Path(source).expanduser()
     if as_path.is_dir():
-        if not is_complete_snapshot(as_path):
+        problem = snapshot_problem(as_path)
+        if problem:
             raise ModelMissingError(
-                f"{as_path} is not a complete I2VGen-XL folder: it needs model_index.json and the folders "
-                f"{', '.join(COMPONENT_NAMES)} with their weights.",
-                f"{as_path} 不是完整的 I2VGen-XL 模型目录:需要 model_index.json 以及 {', '.join(COMPONENT_NAMES)} 各目录和权重文件。",
+                f"{as_path} is not a complete I2VGen-XL folder ({problem}): it needs model_index.json and the "
+                f"folders {', '.join(COMPONENT_NAMES)} with their weights.",
+                f"{as_path} 不是完整的 I2VGen-XL 模型目录({problem}):需要 model_index.json 以及 "
+                f"{', '.join(COMPONENT_NAMES)} 各目录和权重文件。",
             )
         return as_path
     if source.count("/") != 1 or source.startswith((".", "/", "~")) or "\\" in source:
