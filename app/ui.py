@@ -424,6 +424,8 @@ def _generate_with_progress(service: GenerationService, req: GenerationRequest, 
     def on_progress(p: Any) -> None:
         if p.stage == "encode":
             progress(0.0, desc=text("progress_encode", lang))
+        elif p.stage == "compile":
+            progress(0.0, desc=text("progress_compile", lang))
         elif p.stage == "denoise":
             eta = duration(p.eta_s, lang) if p.eta_s is not None else "?"
             progress((p.step, p.total), desc=text("progress_denoise", lang, i=p.step, n=p.total, eta=eta),

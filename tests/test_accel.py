@@ -95,3 +95,17 @@ def test_no_triton_means_eager_with_a_note(sampler, monkeypatch):
     report = apply_accel(sampler, "regional", force=True)
     assert report.compile == "off" and "Triton is not installed" in report.notes[0]
     assert sampler.denoise_fn == sampler._unet_forward
+
+
+def test_first_run_at_a_new_size_announces_the_compile(sampler, image_rgb):
+    apply_accel(sampler, "full", compiler=lambda fn, **kw: fn, force=True)
+    stages = []
+    sampler(_req(image_rgb), on_progress=lambda p: stages.append(p.stage))
+    assert "compile" in stages and stages.index("compile") < stages.index("denoise")
+    stages.clear()
+    sampler(_req(image_rgb), on_progress=lambda p: stages.append(p.stage))
+    assert "compile" not in stages  # same size again: already compiled
+    bigger = SampleRequest(**{**_req(image_rgb).__dict__, "num_frames": 6})
+    stages.clear()
+    sampler(bigger, on_progress=lambda p: stages.append(p.stage))
+    assert "compile" in stages

@@ -49,12 +49,19 @@ class GuardedDenoiser:
                  restore: Callable[[], None], report: AccelReport):
         self.compiled, self.eager, self.restore, self.report = compiled, eager, restore, report
         self.failed = False
+        self.seen_shapes: set[tuple[int, ...]] = set()
+
+    def will_compile(self, sample_shape: tuple[int, ...]) -> bool:
+        """True when the next call with this latent shape compiles first (about a minute on a GPU)."""
+        return not self.failed and tuple(sample_shape) not in self.seen_shapes
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.failed:
             return self.eager(*args)
         try:
-            return self.compiled(*args)
+            out = self.compiled(*args)
+            self.seen_shapes.add(tuple(args[0].shape))
+            return out
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise

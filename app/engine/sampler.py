@@ -44,7 +44,8 @@ class SampleRequest:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a run is: stage is 'encode', 'denoise' or 'decode'; step counts within the stage."""
+    """Where a run is: stage is 'encode', 'compile' (first run at a new size only), 'denoise' or 'decode';
+    step counts within the stage."""
 
     stage: str
     step: int
@@ -278,6 +279,10 @@ class I2VGenXLSampler:
             done = i + 1
             notify(Progress("denoise", done, req.steps, elapsed, elapsed / done * (req.steps - done)))
 
+        will_compile = getattr(self.denoise_fn, "will_compile", None)
+        if will_compile is not None and will_compile((2 if do_cfg else 1, *shape[1:])):
+            # The first step at a new size compiles first; say so rather than look stuck at step 0.
+            notify(Progress("compile", 0, 1, 0.0, None))
         with self._on_device(self.c.unet):
             for i, t in enumerate(table.timesteps):
                 check_cancel()
