@@ -16,7 +16,6 @@ from typing import Any, Mapping
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "config.yaml"
 ENV_PREFIX = "I2V_"
 
 

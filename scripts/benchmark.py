@@ -369,7 +369,7 @@ def _service(ctx, tmp: Path):
     return svc, writer is None
 
 
-def _image_bytes(ctx) -> np.ndarray:
+def _image_array(ctx) -> np.ndarray:
     return np.asarray(ctx.image)
 
 
@@ -381,7 +381,7 @@ def part_stability(ctx):
     n = 3 if ctx.args.tiny else 20
     for i in range(n):
         try:
-            r = svc.generate(GenerationRequest(image=_image_bytes(ctx), prompt=ctx.prompt, resolution=64 if ctx.args.tiny else 512,
+            r = svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, resolution=64 if ctx.args.tiny else 512,
                                                num_frames=4 if ctx.args.tiny else 16, steps=ctx.args.steps, seed=i))
             times.append(r.timings_s["total"])
         except Exception as exc:
@@ -404,7 +404,7 @@ def part_oom(ctx):
     message = None
     big = (128, 4) if ctx.args.tiny else (1024, 32)  # the CPU has no memory fraction to hit
     try:
-        svc.generate(GenerationRequest(image=_image_bytes(ctx), prompt=ctx.prompt, resolution=big[0],
+        svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, resolution=big[0],
                                        num_frames=big[1], steps=2, seed=1))
     except OutOfMemoryError as exc:
         message = exc.en
@@ -413,7 +413,7 @@ def part_oom(ctx):
             torch.cuda.set_per_process_memory_fraction(1.0)
     svc.settings.limits.max_resolution, svc.settings.limits.max_frames = 768, 24
     small = (64, 4) if ctx.args.tiny else (512, 16)
-    r = svc.generate(GenerationRequest(image=_image_bytes(ctx), prompt=ctx.prompt, resolution=small[0],
+    r = svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, resolution=small[0],
                                        num_frames=small[1], steps=ctx.args.steps, seed=2))
     ctx.save("oom", {"user_facing_error": message, "next_standard_run_s": r.timings_s["total"],
                      "next_run_ok": r.video_path.exists()})
