@@ -105,7 +105,10 @@ class LoggingSettings:
 @dataclass
 class AccelSettings:
     compile: str = field(default="regional", metadata=_choice("regional", "full", "off"))
-    cuda_graphs: bool = False
+    regions: str = field(default="layers", metadata=_choice("layers", "blocks"))
+    temporal_conv2d: bool = True
+    temporal_attention: str = field(default="math", metadata=_choice("math", "sdpa"))
+    cuda_graphs: bool = True
     compile_cache: bool = True
     warmup: bool = True
 

@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -280,24 +281,23 @@ def _errors(ctx, res, frames_out):
     return errs
 
 
-def part_ours(ctx, res, frames, scope):
+def part_ours(ctx, res, frames, variant):
     from app.engine.accel import apply_accel
 
     req = ctx.request(res, frames)
     shared = ctx.shared_inputs(req)
     s = ctx.base_sampler
     report = None
-    if scope != "off" and not getattr(s, "_bench_scope", None):
-        report = apply_accel(s, scope, cuda_graphs=ctx.args.cuda_graphs, cache_dir=ctx.out / "compile-cache",
-                             force=ctx.args.tiny)
-        s._bench_scope = scope
+    if variant != "eager" and not getattr(s, "_bench_variant", None):
+        report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
+        s._bench_variant = variant
     stats, out = run_ours(ctx, s, req, shared, ctx.args.runs)
     f = floor_s(req)
-    name = f"{'compile' if scope != 'off' else 'ours'}{res}"
-    ctx.save(name, {"what": f"our engine fp16, compile={scope}, cuda_graphs={ctx.args.cuda_graphs}", "res": res,
+    name = f"{'compile' if variant != 'eager' else 'ours'}{res}"
+    ctx.save(name, {"what": f"our engine fp16, accel={getattr(s, '_bench_variant', 'eager')}", "res": res,
                     "frames": frames, "steps": req.steps, **stats, **_errors(ctx, res, out),
                     "floor_s": f, "pct_of_floor": None if not f else 100 * f / stats["median_s"],
-                    "accel_notes": report.notes if report else []})
+                    "accel": report.__dict__ if report else None})
 
 
 def part_profile(ctx, res, frames):
@@ -324,7 +324,126 @@ def part_profile(ctx, res, frames):
            for e in events[:25]]
     key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
-    ctx.save(f"profile{res}", {"what": f"3-step run, compile={getattr(s, '_bench_scope', 'off')}", "top": top})
+    ctx.save(f"profile{res}", {"what": f"3-step run, accel={getattr(s, '_bench_variant', 'eager')}", "top": top})
+
+
+KERNEL_KINDS = (  # (category, substrings of CUDA kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("triton_norm", ("triton_red", "triton_per")),  # Inductor reductions: norms, softmax
+    ("triton_pointwise", ("triton",)),  # Inductor's fused elementwise and layout kernels
+    ("conv", ("fprop", "implicit_gemm", "dgrad", "wgrad", "conv")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "copy_kernel")),
+    ("norm", ("group_norm", "groupnorm", "layer_norm", "welford", "norm")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "cat", "index")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def unet_inputs(ctx, res, frames):
+    """One CFG-batched UNet call's inputs at this size: non-zero, seeded, in the model dtype."""
+    g = torch.Generator("cpu").manual_seed(0)
+    unet = ctx.parts["unet"]
+    lat = (2, unet.config.in_channels, frames, res // 8, res // 8)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(ctx.device, ctx.dtype)
+
+    return (rnd(*lat), torch.tensor(500, device=ctx.device), rnd(2, 77, unet.config.cross_attention_dim, scale=0.5),
+            torch.tensor([8, 8], device=ctx.device), rnd(*lat), rnd(2, unet.config.cross_attention_dim, scale=0.5))
+
+
+def variant_kwargs(variant: str) -> dict:
+    """'layers+conv2d+graphs' -> apply_accel's arguments. Scopes: eager, blocks, layers (regional), full."""
+    scope_name, *opts = variant.split("+")
+    scope, regions = {"eager": ("off", "layers"), "blocks": ("regional", "blocks"),
+                      "layers": ("regional", "layers"), "full": ("full", "layers")}[scope_name]
+    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath"}  # prof: read by part_unetcall
+    if unknown:
+        raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")
+    return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
+            "temporal_attention": "math" if "tmath" in opts else "sdpa"}
+
+
+def part_unetcall(ctx, res, frames):
+    """One CFG-batched UNet call under each accel variant (--variants): compile time, ms per call,
+    peak memory, relative error vs eager fp16. A variant is a scope (eager, blocks, layers, full) plus
+    options: +conv2d (temporal convs as 2-D), +graphs (CUDA graph of the whole call), +prof (profile it)."""
+    from app.engine.accel import apply_accel, remove_accel
+
+    s = ctx.base_sampler
+    args = unet_inputs(ctx, res, frames)
+    calls = 3 if ctx.args.tiny else 10
+    ref = s._unet_forward(*args).float()
+    rows = {}
+    for variant in [v for v in ctx.args.variants.split(",") if v]:
+        torch._dynamo.reset()
+        report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
+        fn = s.denoise_fn
+        try:
+            peak_reset(ctx.device)
+            t = time.perf_counter()
+            first = fn(*args).float()
+            sync(ctx.device)
+            first_s = time.perf_counter() - t
+            for _ in range(3):  # capture (graphs) and warm-up
+                fn(*args)
+            sync(ctx.device)
+            t = time.perf_counter()
+            for _ in range(calls):
+                out = fn(*args)
+            sync(ctx.device)
+            ms = (time.perf_counter() - t) / calls * 1e3
+            row = {"first_call_s": first_s, "ms_per_call": ms, "peak_gib": peak(ctx.device),
+                   "rel_err_vs_eager": rel_err(out.float(), ref), "first_rel_err_vs_eager": rel_err(first, ref),
+                   "report": {k: v for k, v in report.__dict__.items()}}
+            if "+prof" in variant:
+                row["profile"] = _profile_calls(ctx, fn, args, ms)
+        finally:
+            remove_accel(s)
+            del fn
+            gc.collect()
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows[variant] = row
+        print(f"unetcall {variant}: {json.dumps({k: v for k, v in row.items() if k != 'profile'})[:300]}", flush=True)
+        ctx.save(f"unetcall{res}", {"what": "one CFG-batched UNet call per variant", "res": res, "frames": frames,
+                                    "calls": calls, "variants": rows})
+
+
+def _profile_calls(ctx, fn, args, wall_ms):
+    """Kernel time per call by kind, the top kernels, and how busy the GPU was vs the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            fn(*args)
+        sync(ctx.device)
+    kinds: dict[str, float] = {}
+    top = []
+    for e in prof.key_averages():
+        # Only the kernels themselves: Triton launches also appear as CPU ops of the same name.
+        on_device = str(getattr(e, "device_type", "")).endswith("CUDA")
+        us = (getattr(e, "self_device_time_total", 0) or 0) if on_device else 0
+        if us <= 0:
+            continue
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3 / n
+        top.append({"name": e.key[:140], "ms_per_call": us / 1e3 / n, "launches_per_call": e.count / n,
+                    "kind": kernel_kind(e.key)})
+    top.sort(key=lambda r: -r["ms_per_call"])
+    busy = sum(kinds.values())
+    return {"kernel_ms_per_call": busy, "wall_ms_per_call": wall_ms,
+            "launches_per_call": sum(r["launches_per_call"] for r in top),
+            "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top": top[:40]}
 
 
 def part_lowvram(ctx):
@@ -442,12 +561,16 @@ def part_coldstart(ctx):
     """A fresh process: load the saved model, compile, first 512p result. Twice: empty cache, then kept cache."""
     folder = Path(ctx.args.model_dir or (ctx.out / "model"))
     results = {}
-    cache = ctx.out / "coldstart-cache"
+    # The same cache the in-process parts use, emptied first: later parts then start warm, as a
+    # restarted app does.
+    cache = ctx.out / "compile-cache"
+    shutil.rmtree(cache, ignore_errors=True)
     for label in ("empty_cache", "kept_cache"):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
                "TRITON_CACHE_DIR": str(cache / "triton")}
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--first-result", str(folder), "--steps", str(ctx.args.steps)]
+        out = subprocess.run([sys.executable, __file__, "--first-result", str(folder), "--steps", str(ctx.args.steps),
+                              "--accel", ctx.args.accel]
                              + (["--tiny"] if ctx.args.tiny else []), env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t
         inner = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-2000:]}
@@ -455,7 +578,7 @@ def part_coldstart(ctx):
     ctx.save("coldstart", results)
 
 
-def first_result(folder: Path, steps: int, tiny: bool) -> None:
+def first_result(folder: Path, steps: int, tiny: bool, variant: str) -> None:
     """Child process of `coldstart`: what a user waits for after launching the app."""
     t0 = time.perf_counter()
     from app.engine.accel import apply_accel
@@ -469,7 +592,7 @@ def first_result(folder: Path, steps: int, tiny: bool) -> None:
     s.place()
     sync(device)
     t_load = time.perf_counter() - t0
-    apply_accel(s, "regional", force=tiny)
+    apply_accel(s, **variant_kwargs(variant), force=tiny)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8))
     res, frames = (64, 4) if tiny else (512, 16)
     req = SampleRequest(image=img, prompt="a cat", negative_prompt="", height=res, width=res, num_frames=frames,
@@ -517,26 +640,32 @@ def main() -> None:
     ap.add_argument("--parts", default="")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--cuda-graphs", action="store_true")
-    ap.add_argument("--scope", default="regional", choices=["regional", "full"])
+    ap.add_argument("--accel", default="layers+conv2d+graphs+tmath",
+                    help="speedups for the compile parts: a scope (eager, blocks, layers, full) and +conv2d, +graphs, "
+                         "+tmath (the app's defaults: layers+conv2d+graphs+tmath)")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--variants", default="eager,blocks,layers,layers+conv2d+graphs,layers+conv2d+graphs+tmath,"
+                                          "layers+conv2d+tmath+prof",
+                    help="for the unetcall parts: comma-separated accel variants")
     ap.add_argument("--model-dir")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--first-result")
     args = ap.parse_args()
     if args.first_result:
-        first_result(Path(args.first_result), args.steps, args.tiny)
+        first_result(Path(args.first_result), args.steps, args.tiny, args.accel)
         return
     ctx = Ctx(args)
     parts = {
         "load": lambda: part_load(ctx),
         "ref512": lambda: part_ref(ctx, 512, 16),
         "fp32ref512": lambda: part_fp32ref(ctx, 512, 16),
-        "ours512": lambda: part_ours(ctx, 512, 16, "off"),
-        "compile512": lambda: part_ours(ctx, 512, 16, args.scope),
+        "ours512": lambda: part_ours(ctx, 512, 16, "eager"),
+        "compile512": lambda: part_ours(ctx, 512, 16, args.accel),
         "ref768": lambda: part_ref(ctx, 768, 24),
-        "compile768": lambda: part_ours(ctx, 768, 24, args.scope),
+        "compile768": lambda: part_ours(ctx, 768, 24, args.accel),
         "profile512": lambda: part_profile(ctx, 512, 16),
+        "unetcall512": lambda: part_unetcall(ctx, 512, 16),
+        "unetcall768": lambda: part_unetcall(ctx, 768, 24),
         "lowvram": lambda: part_lowvram(ctx),
         "stability": lambda: part_stability(ctx),
         "oom": lambda: part_oom(ctx),

@@ -109,3 +109,88 @@ def test_first_run_at_a_new_size_announces_the_compile(sampler, image_rgb):
     stages.clear()
     sampler(bigger, on_progress=lambda p: stages.append(p.stage))
     assert "compile" in stages
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: replay re-runs what was captured."""
+
+    captures = 0
+
+    def __init__(self):
+        self.replays = 0
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    import contextlib
+
+    from app.engine import accel
+
+    state = {}
+
+    @contextlib.contextmanager
+    def fake_graph(graph, **kw):
+        assert kw == {"capture_error_mode": "thread_local"}
+        _FakeGraph.captures += 1
+        yield
+
+    _FakeGraph.captures = 0
+    monkeypatch.setattr(accel.torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(accel.torch.cuda, "graph", fake_graph)
+    return state
+
+
+def test_cuda_graph_runner_captures_once_per_shape_and_copies_inputs_in(fake_cuda_graphs):
+    from app.engine.accel import AccelReport, CudaGraphRunner
+
+    calls = []
+
+    def fn(a, b):
+        calls.append(a.shape)
+        return a * 2 + b
+
+    runner = CudaGraphRunner(fn, AccelReport(cuda_graphs=True))
+
+    def replay(self=None):  # what a real replay does: the captured work, on the static buffers
+        runner.static_out.copy_(fn(*runner.static_in))
+
+    _FakeGraph.replay = replay
+    x, y = torch.arange(6.0).reshape(2, 3), torch.ones(2, 3)
+    assert torch.equal(runner(x, y), x * 2 + y)  # first call at this shape: plain
+    assert _FakeGraph.captures == 0
+    for k in range(1, 4):  # second call captures, later ones replay with the new inputs
+        got = runner(x + k, y * k)
+        assert torch.equal(got, (x + k) * 2 + y * k)
+    assert _FakeGraph.captures == 1
+    bigger = torch.ones(4, 3)
+    assert torch.equal(runner(bigger, bigger), bigger * 3)  # new shape: plain again, nothing captured
+    assert _FakeGraph.captures == 1
+    runner(bigger, bigger)
+    assert _FakeGraph.captures == 2 and runner.static_in[0].shape == (4, 3)  # one graph kept: the newest
+
+
+def test_cuda_graph_capture_failure_runs_plainly_with_a_note(sampler, image_rgb, caplog):
+    # On the CPU a real capture fails, which is the path a GPU takes when a model can't be captured.
+    expected = sampler(_req(image_rgb)).frames_thwc_uint8
+    report = apply_accel(sampler, "off", cuda_graphs=True, force=True)
+    with caplog.at_level(logging.WARNING):
+        got = sampler(_req(image_rgb)).frames_thwc_uint8
+    assert np.array_equal(got, expected)
+    assert report.cuda_graphs is False and "CUDA graph capture failed" in report.notes[0]
+    assert "running without" in caplog.text
+
+
+def test_remove_accel_restores_the_eager_unet(sampler, image_rgb):
+    from app.engine.accel import remove_accel
+    from app.engine.rewrites import ShortSequenceAttention
+
+    apply_accel(sampler, "regional", temporal_conv2d=True, temporal_attention="math", cuda_graphs=True,
+                compiler=lambda fn, **kw: fn, force=True)
+    unet = sampler.c.unet
+    assert any("forward" in m.__dict__ for m in unet.modules())
+    assert any(isinstance(getattr(m, "processor", None), ShortSequenceAttention) for m in unet.modules())
+    remove_accel(sampler)
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+    assert not any(isinstance(getattr(m, "processor", None), ShortSequenceAttention) for m in unet.modules())
+    assert sampler.denoise_fn == sampler._unet_forward
+    assert sampler(_req(image_rgb)).frames_thwc_uint8.shape == (4, 64, 64, 3)

@@ -1,5 +1,6 @@
-"""GPU speedups for the UNet: torch.compile (regional or whole-model, optionally with CUDA graphs)
-and an on-disk compile cache. Every speedup falls back to eager with a warning, never a crash.
+"""GPU speedups for the UNet: torch.compile (regional or whole-model), CUDA graphs of the whole UNet
+call, the temporal convolutions as 2-D convolutions, and an on-disk compile cache. Every speedup falls
+back with a warning, never a crash.
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ from typing import Any, Callable
 import torch
 
 from app.engine.device import is_out_of_memory
+from app.engine.rewrites import use_conv2d_for_temporal_convs, use_temporal_attention
 
 log = logging.getLogger(__name__)
 
-# The UNet's repeated blocks (PERF.md): compiling these alone gives most of the speed in a
-# fraction of the whole-model compile time.
-REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer", "TemporalBasicTransformerBlock")
+# The UNet's repeated parts (PERF.md): compiling these alone gives most of the speed in a fraction of
+# the whole-model compile time. "blocks" are the innermost repeated blocks; "layers" are the modules
+# that hold them, so the norms, projections and layout permutes around the blocks are fused too.
+REGION_SETS = {
+    "blocks": ("BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer", "TemporalBasicTransformerBlock"),
+    "layers": ("Transformer2DModel", "TransformerTemporalModel", "ResnetBlock2D", "TemporalConvLayer"),
+}
+REGIONAL_BLOCKS = REGION_SETS["layers"]
 
 
 REGIONAL_RECOMPILE_LIMIT = 64
@@ -28,7 +35,10 @@ REGIONAL_RECOMPILE_LIMIT = 64
 @dataclass
 class AccelReport:
     compile: str = "off"  # off | regional | full
+    regions: str | None = None  # with regional: a key of REGION_SETS
     cuda_graphs: bool = False
+    temporal_conv2d: bool = False
+    temporal_attention: str = "sdpa"
     cache_dir: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -75,33 +85,101 @@ class GuardedDenoiser:
             return self.eager(*args)
 
 
-def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, cache_dir: Path | None = None,
-                compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
-    """Compile the sampler's UNet in place. `scope` is off, regional or full.
+class CudaGraphRunner:
+    """Replays the whole UNet call as one CUDA graph, so a step costs no CPU launch time.
 
-    Only CUDA gets compiled unless `force` (tests use it with a fake `compiler` on the CPU).
+    The first call at a new input shape runs plainly (that is where torch.compile compiles); the
+    second captures the graph, and later calls copy their inputs in and replay it. One graph is kept
+    at a time, so switching sizes frees the last one's memory. The returned tensor is the graph's
+    own buffer, overwritten by the next replay: callers must use it before calling again (the
+    sampler converts it at once). If capture fails (not for lack of memory), calls run plainly
+    from then on, with a warning.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], report: AccelReport):
+        self.fn, self.report = fn, report
+        self.disabled = False
+        self.seen: set[tuple] = set()
+        self._drop()
+
+    def _drop(self) -> None:
+        self.key: tuple | None = None
+        self.graph: Any = None
+        self.static_in: tuple[torch.Tensor, ...] = ()
+        self.static_out: torch.Tensor | None = None
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.dtype, str(a.device)) for a in args)
+        if key != self.key:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self.fn(*args)
+            try:
+                self._capture(key, args)
+            except Exception as exc:
+                self._drop()
+                if is_out_of_memory(exc):
+                    raise
+                self.disabled = True
+                self.report.cuda_graphs = False
+                note = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); running without"
+                self.report.notes.append(note)
+                log.warning(note)
+                return self.fn(*args)
+        for dst, src in zip(self.static_in, args):
+            dst.copy_(src)
+        self.graph.replay()
+        assert self.static_out is not None
+        return self.static_out
+
+    def _capture(self, key: tuple, args: tuple[torch.Tensor, ...]) -> None:
+        self._drop()
+        static_in = tuple(a.clone() for a in args)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the UI's status thread may query the GPU while this thread captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = self.fn(*static_in)
+        self.key, self.graph, self.static_in, self.static_out = key, graph, static_in, out
+
+
+def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal_conv2d: bool = False,
+                temporal_attention: str = "sdpa", regions: str = "layers", cache_dir: Path | None = None,
+                compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
+    """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
+
+    `scope` is off, regional or full; `regions` picks what regional compile wraps (REGION_SETS);
+    `temporal_conv2d` and `temporal_attention` are exact rewrites (app.engine.rewrites); `cuda_graphs`
+    replays each UNet call as a CUDA graph. Only CUDA gets changed unless `force` (the CPU tests use
+    it, with a fake `compiler`).
     """
     report = AccelReport()
-    if scope == "off":
-        return report
     if sampler.device.type != "cuda" and not force:
-        report.notes.append("compile skipped: not on a CUDA device")
+        if scope != "off" or cuda_graphs or temporal_conv2d or temporal_attention != "sdpa":
+            report.notes.append("speedups skipped: not on a CUDA device")
         return report
     if sampler.offload:
-        report.notes.append("compile skipped: low-VRAM mode moves the UNet between devices")
+        report.notes.append("speedups skipped: low-VRAM mode moves the UNet between devices")
         return report
-    if compiler is None and importlib.util.find_spec("triton") is None:
+    undo: list[Callable[[], None]] = []
+    sampler.undo_accel = lambda: [u() for u in reversed(undo)]
+    unet = sampler.c.unet
+    if temporal_conv2d:
+        undo.append(use_conv2d_for_temporal_convs(unet))
+        report.temporal_conv2d = True
+    if temporal_attention != "sdpa":
+        undo.append(use_temporal_attention(unet, temporal_attention))
+        report.temporal_attention = temporal_attention
+    eager = sampler._unet_forward
+    compiled: Callable[..., torch.Tensor] = eager
+    if scope != "off" and compiler is None and importlib.util.find_spec("triton") is None:
         # Native Windows has no Triton by default, and Inductor needs it for CUDA kernels: trying would
-        # only fail on the first generation. Say so once and run eager.
+        # only fail on the first generation. Say so once and run without compiling.
         note = "compile skipped: Triton is not installed (usual on native Windows; WSL2 and Linux have it)"
         report.notes.append(note)
         log.warning(note)
-        return report
-    compiler = compiler or torch.compile
-    if cache_dir is not None:
-        use_compile_cache(cache_dir)
-        report.cache_dir = str(cache_dir)
-    eager = sampler._unet_forward
+        scope = "off"
     patched: list[torch.nn.Module] = []
 
     def restore() -> None:
@@ -109,33 +187,63 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, cache_di
             module.__dict__.pop("forward", None)
         patched.clear()
 
-    try:
-        if scope == "regional":
-            # Each block class meets several shapes (4 resolutions, spatial and temporal passes); with
-            # fullgraph=True, Dynamo's default limit of 8 graphs per function turns that into a failure.
-            dyn = torch._dynamo.config
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dyn, name):
-                    setattr(dyn, name, max(getattr(dyn, name), REGIONAL_RECOMPILE_LIMIT))
-            if hasattr(dyn, "accumulated_recompile_limit"):
-                dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 16 * REGIONAL_RECOMPILE_LIMIT)
-            for module in sampler.c.unet.modules():
-                if type(module).__name__ in REGIONAL_BLOCKS:
+    undo.append(restore)
+    if scope != "off":
+        compiler = compiler or torch.compile
+        if cache_dir is not None:
+            use_compile_cache(cache_dir)
+            report.cache_dir = str(cache_dir)
+        try:
+            if scope == "regional":
+                # Each block class meets several shapes (4 resolutions, spatial and temporal passes); with
+                # fullgraph=True, Dynamo's default limit of 8 graphs per function turns that into a failure.
+                dyn = torch._dynamo.config
+                for name in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(dyn, name):
+                        setattr(dyn, name, max(getattr(dyn, name), REGIONAL_RECOMPILE_LIMIT))
+                if hasattr(dyn, "accumulated_recompile_limit"):
+                    dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit,
+                                                          16 * REGIONAL_RECOMPILE_LIMIT)
+                for module in _outermost(unet, REGION_SETS[regions]):
                     module.forward = compiler(module.forward, fullgraph=True, dynamic=False)
                     patched.append(module)
-            compiled: Callable[..., torch.Tensor] = eager
-        elif scope == "full":
-            mode = "reduce-overhead" if cuda_graphs else None
-            compiled = compiler(eager, fullgraph=True, dynamic=False, mode=mode)
-            report.cuda_graphs = cuda_graphs
-        else:
-            raise ValueError(f"unknown compile scope {scope!r}")
-    except Exception as exc:  # compile set-up itself failed: stay eager
-        restore()
-        note = f"torch.compile unavailable ({type(exc).__name__}: {exc}); running eager"
-        report.notes.append(note)
-        log.warning(note)
-        return report
-    report.compile = scope
-    sampler.denoise_fn = GuardedDenoiser(compiled, eager, restore, report)
+            elif scope == "full":
+                compiled = compiler(eager, fullgraph=True, dynamic=False)
+            else:
+                raise ValueError(f"unknown compile scope {scope!r}")
+            report.compile = scope
+            report.regions = regions if scope == "regional" else None
+        except Exception as exc:  # compile set-up itself failed: stay eager
+            restore()
+            compiled = eager
+            note = f"torch.compile unavailable ({type(exc).__name__}: {exc}); running eager"
+            report.notes.append(note)
+            log.warning(note)
+    if cuda_graphs:
+        compiled = CudaGraphRunner(compiled, report)
+        report.cuda_graphs = True
+    if report.compile != "off" or report.cuda_graphs:
+        sampler.denoise_fn = GuardedDenoiser(compiled, eager, restore, report)
     return report
+
+
+def remove_accel(sampler: Any) -> None:
+    """Undo apply_accel: the UNet runs its own eager code again (the compiled code stays cached)."""
+    getattr(sampler, "undo_accel", lambda: None)()
+    sampler.undo_accel = lambda: None
+    sampler.denoise_fn = sampler._unet_forward
+
+
+def _outermost(root: torch.nn.Module, class_names: tuple[str, ...]) -> list[torch.nn.Module]:
+    """The modules of these classes that are not inside another one of them (no nested compiles)."""
+    found: list[torch.nn.Module] = []
+
+    def walk(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if type(child).__name__ in class_names:
+                found.append(child)
+            else:
+                walk(child)
+
+    walk(root)
+    return found

@@ -1,0 +1,93 @@
+"""The exact layer rewrites give the same numbers as the layers they replace (CPU, float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engine.components import load_components
+from app.engine.rewrites import ShortSequenceAttention, use_conv2d_for_temporal_convs, use_temporal_attention
+
+
+@pytest.fixture
+def unet(tiny_model_dir):
+    unet = load_components(tiny_model_dir, dtype=torch.float32).unet.eval()
+    # The last temporal conv of each layer is zero-initialised (an identity layer); give every
+    # weight random values so the rewrites have something to get wrong.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return unet
+
+
+def _inputs(unet, frames=4, size=8, batch=2):
+    g = torch.Generator().manual_seed(1)
+    c = unet.config
+    lat = (batch, c.in_channels, frames, size, size)
+    return dict(sample=torch.randn(lat, generator=g), timestep=torch.tensor(500),
+                encoder_hidden_states=torch.randn(batch, 7, c.cross_attention_dim, generator=g),
+                fps=torch.tensor([8] * batch), image_latents=torch.randn(lat, generator=g),
+                image_embeddings=torch.randn(batch, c.cross_attention_dim, generator=g), return_dict=False)
+
+
+def _run(unet, inputs):
+    with torch.no_grad():
+        return unet(**inputs)[0]
+
+
+def test_temporal_conv_as_conv2d_matches_conv3d():
+    conv = torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0))
+    x = torch.randn(2, 6, 7, 3, 4)
+    expected = conv(x)
+    holder = torch.nn.Sequential(conv)
+    undo = use_conv2d_for_temporal_convs(holder)
+    assert "forward" in conv.__dict__
+    assert torch.allclose(conv(x), expected, atol=1e-5, rtol=1e-5)
+    undo()
+    assert "forward" not in conv.__dict__
+
+
+def test_only_frame_convs_are_rewritten():
+    spatial = torch.nn.Conv3d(4, 4, (3, 3, 3), padding=1)
+    strided = torch.nn.Conv3d(4, 4, (3, 1, 1), stride=(2, 1, 1))
+    use_conv2d_for_temporal_convs(torch.nn.Sequential(spatial, strided))
+    assert "forward" not in spatial.__dict__ and "forward" not in strided.__dict__
+
+
+def test_rewritten_unet_matches_the_original(unet):
+    inputs = _inputs(unet)
+    expected = _run(unet, inputs)
+    undo_conv = use_conv2d_for_temporal_convs(unet)
+    undo_attn = use_temporal_attention(unet, "math")
+    rewritten = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), ShortSequenceAttention)]
+    assert rewritten, "the temporal attention layers should get the short-sequence processor"
+    got = _run(unet, inputs)
+    assert got.abs().mean() > 0.01
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    undo_attn()
+    undo_conv()
+    assert not any(isinstance(getattr(m, "processor", None), ShortSequenceAttention) for m in unet.modules())
+    assert torch.equal(_run(unet, inputs), expected)
+
+
+def test_spatial_attention_keeps_its_processor(unet):
+    use_temporal_attention(unet, "math")
+    for name, m in unet.named_modules():
+        if hasattr(m, "processor") and ".attentions." in name:
+            assert not isinstance(m.processor, ShortSequenceAttention), name
+
+
+def test_short_attention_hands_masks_to_the_original_processor(unet):
+    use_temporal_attention(unet, "math")
+    attn = next(m for m in unet.modules() if isinstance(getattr(m, "processor", None), ShortSequenceAttention))
+    seen = []
+    attn.processor.original = lambda *a, **k: seen.append(a[3]) or a[1]
+    x = torch.randn(3, 4, attn.to_q.in_features)
+    mask = torch.ones(3, 4, 4, dtype=torch.bool)
+    assert attn.processor(attn, x, None, mask) is x and seen[0] is mask
+
+
+def test_unknown_mode_is_refused(unet):
+    with pytest.raises(ValueError, match="temporal attention mode 'fast'"):
+        use_temporal_attention(unet, "fast")
