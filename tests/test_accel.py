@@ -194,3 +194,13 @@ def test_remove_accel_restores_the_eager_unet(sampler, image_rgb):
     assert not any(isinstance(getattr(m, "processor", None), ShortSequenceAttention) for m in unet.modules())
     assert sampler.denoise_fn == sampler._unet_forward
     assert sampler(_req(image_rgb)).frames_thwc_uint8.shape == (4, 64, 64, 3)
+
+
+def test_cuda_graphs_alone_do_not_announce_a_compile(sampler, image_rgb, fake_cuda_graphs):
+    # Native Windows without Triton: no compile, but still CUDA graphs; nothing to announce.
+    _FakeGraph.replay = lambda self: None
+    report = apply_accel(sampler, "off", cuda_graphs=True, force=True)
+    assert report.compile == "off" and report.cuda_graphs
+    stages = []
+    sampler(_req(image_rgb), on_progress=lambda p: stages.append(p.stage))
+    assert "compile" not in stages and "denoise" in stages

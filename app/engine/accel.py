@@ -63,7 +63,7 @@ class GuardedDenoiser:
 
     def will_compile(self, sample_shape: tuple[int, ...]) -> bool:
         """True when the next call with this latent shape compiles first (about a minute on a GPU)."""
-        return not self.failed and tuple(sample_shape) not in self.seen_shapes
+        return not self.failed and self.report.compile != "off" and tuple(sample_shape) not in self.seen_shapes
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.failed:
@@ -115,6 +115,7 @@ class CudaGraphRunner:
         if key != self.key:
             if key not in self.seen:
                 self.seen.add(key)
+                self._drop()  # free the last size's graph before this size's first, plain call
                 return self.fn(*args)
             try:
                 self._capture(key, args)
