@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {"model": {}, "server": {}, "paths": {}, "accel": {}}
     if args.command == "generate" and not args.compile:
-        # One video: a minute of compiling would cost far more than the ~3 s it saves.
+        # One video: one to two minutes of compiling would cost far more than the ~4 s it saves.
         out["accel"]["compile"] = "off"
     if getattr(args, "device", None):
         out["model"]["device"] = args.device

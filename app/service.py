@@ -6,13 +6,14 @@ by a loader function passed in, so tests can swap in fakes.
 
 from __future__ import annotations
 
+
 import enum
 import logging
 import os
 import platform
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -298,7 +299,7 @@ class GenerationService:
                 "device": str(engine.device),
                 "dtype": engine.dtype_name,
                 "low_vram": engine.offload,
-                "accel": {"compile": engine.accel.compile, "notes": engine.accel.notes},
+                "accel": asdict(engine.accel),
                 "input_image_size": list(image.size),
                 "prompt_truncated": result.prompt_truncated,
                 "warnings": [w.en for w in warnings],
