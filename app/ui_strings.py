@@ -74,8 +74,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     # Progress --------------------------------------------------------------------------------------
     "progress_wait_model": ("Waiting for the model to load…", "等待模型加载…"),
     "progress_encode": ("Encoding the image and the prompt…", "正在编码图片和提示词…"),
-    "progress_compile": ("Optimising the model for this size (first time only, about a minute)…",
-                         "首次使用该尺寸,正在优化模型(仅此一次,约一分钟)…"),
+    "progress_compile": ("Optimising the model for this size (first time only, one to two minutes)…",
+                         "首次使用该尺寸,正在优化模型(仅此一次,约一到两分钟)…"),
     "progress_denoise": ("Step {i}/{n} · about {eta} left", "第 {i}/{n} 步 · 预计剩余时间 {eta}"),
     "progress_decode": ("Decoding frames {i}/{n}…", "正在解码帧 {i}/{n}…"),
     "progress_write": ("Writing the MP4…", "正在写入 MP4…"),

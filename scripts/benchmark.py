@@ -6,8 +6,9 @@ Writes JSON (one file per part) and prints a table last.
     python scripts/benchmark.py --out bench/ --parts ref512,ours512,compile512 --runs 3
     python scripts/benchmark.py --out bench/ --table          # print the table of everything measured
 
-Parts: load, ref512, fp32ref512, ours512, compile512, ref768, compile768, profile512, lowvram, stability, oom,
-coldstart. `--scope full --cuda-graphs` compiles the whole UNet with CUDA graphs instead of the default regions.
+Parts: load, ref512, fp32ref512, ours512, compile512, ref768, compile768, profile512, unetcall512, unetcall768,
+lowvram, stability, oom, coldstart. `--accel` picks the speedups of the compile parts and coldstart (default: the
+app's); `--variants` the ones unetcall compares.
 `--tiny` runs the same code on the tiny model on a CPU, to check the script itself.
 """
 
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -297,34 +299,16 @@ def part_ours(ctx, res, frames, variant):
     ctx.save(name, {"what": f"our engine fp16, accel={getattr(s, '_bench_variant', 'eager')}", "res": res,
                     "frames": frames, "steps": req.steps, **stats, **_errors(ctx, res, out),
                     "floor_s": f, "pct_of_floor": None if not f else 100 * f / stats["median_s"],
-                    "accel": report.__dict__ if report else None})
+                    "accel": asdict(report) if report else None})
 
 
 def part_profile(ctx, res, frames):
-    """Where one denoising step's time goes: the top kernels over 3 UNet calls, after warm-up."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Where a whole 3-step generation's time goes (encode, steps, decode), after a warm-up, by kernel."""
     req = ctx.request(res, frames, steps=3)
     s = ctx.base_sampler
-    s.generate(req)  # warm-up (and compile, if a scope was applied earlier in this run)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        s.generate(req)
-        sync(ctx.device)
-    on_gpu = ctx.device.type == "cuda"
-
-    def self_us(e) -> float:
-        if on_gpu:  # renamed from self_cuda_time_total in newer torch
-            return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        return e.self_cpu_time_total
-
-    events = sorted(prof.key_averages(), key=self_us, reverse=True)
-    total = sum(self_us(e) for e in events) or 1
-    top = [{"name": e.key[:120], "self_ms": self_us(e) / 1e3, "pct": 100 * self_us(e) / total, "calls": e.count}
-           for e in events[:25]]
-    key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
-    ctx.save(f"profile{res}", {"what": f"3-step run, accel={getattr(s, '_bench_variant', 'eager')}", "top": top})
+    s.generate(req)  # warm-up (and compile, if speedups were applied earlier in this run)
+    ctx.save(f"profile{res}", {"what": f"3-step run, accel={getattr(s, '_bench_variant', 'eager')}",
+                               **kernel_profile(ctx, lambda: s.generate(req), 1)})
 
 
 KERNEL_KINDS = (  # (category, substrings of CUDA kernel names), first match wins
@@ -403,9 +387,9 @@ def part_unetcall(ctx, res, frames):
             ms = (time.perf_counter() - t) / calls * 1e3
             row = {"first_call_s": first_s, "ms_per_call": ms, "peak_gib": peak(ctx.device),
                    "rel_err_vs_eager": rel_err(out.float(), ref), "first_rel_err_vs_eager": rel_err(first, ref),
-                   "report": {k: v for k, v in report.__dict__.items()}}
+                   "report": asdict(report)}
             if "+prof" in variant:
-                row["profile"] = _profile_calls(ctx, fn, args, ms)
+                row["profile"] = kernel_profile(ctx, lambda: fn(*args), 3, ms)
         finally:
             remove_accel(s)
             del fn
@@ -418,30 +402,31 @@ def part_unetcall(ctx, res, frames):
                                     "calls": calls, "variants": rows})
 
 
-def _profile_calls(ctx, fn, args, wall_ms):
-    """Kernel time per call by kind, the top kernels, and how busy the GPU was vs the wall time."""
+def kernel_profile(ctx, run, n, wall_ms=None):
+    """Time per call of `run` by kernel kind, and the top kernels (CPU ops on a CPU-only machine)."""
     from torch.profiler import ProfilerActivity, profile
 
-    n = 3
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    on_gpu = ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         for _ in range(n):
-            fn(*args)
+            run()
         sync(ctx.device)
     kinds: dict[str, float] = {}
     top = []
     for e in prof.key_averages():
-        # Only the kernels themselves: Triton launches also appear as CPU ops of the same name.
-        on_device = str(getattr(e, "device_type", "")).endswith("CUDA")
-        us = (getattr(e, "self_device_time_total", 0) or 0) if on_device else 0
+        if on_gpu:
+            # Only the kernels themselves: Triton launches also appear as CPU ops of the same name.
+            us = (e.self_device_time_total or 0) if str(e.device_type).endswith("CUDA") else 0
+        else:
+            us = e.self_cpu_time_total
         if us <= 0:
             continue
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3 / n
-        top.append({"name": e.key[:140], "ms_per_call": us / 1e3 / n, "launches_per_call": e.count / n,
-                    "kind": kernel_kind(e.key)})
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / n
+        top.append({"name": e.key[:140], "ms_per_call": us / 1e3 / n, "launches_per_call": e.count / n, "kind": kind})
     top.sort(key=lambda r: -r["ms_per_call"])
-    busy = sum(kinds.values())
-    return {"kernel_ms_per_call": busy, "wall_ms_per_call": wall_ms,
+    return {"kernel_ms_per_call": sum(kinds.values()), "wall_ms_per_call": wall_ms,
             "launches_per_call": sum(r["launches_per_call"] for r in top),
             "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top": top[:40]}
 

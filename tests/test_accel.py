@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.engine.accel import REGIONAL_BLOCKS, apply_accel
+from app.engine.accel import REGION_SETS, apply_accel
 from app.engine.components import load_components
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 
@@ -56,7 +56,7 @@ def test_regional_compile_wraps_only_repeated_blocks(sampler, image_rgb):
     report = apply_accel(sampler, "regional", compiler=recording_compiler, force=True)
     assert report.compile == "regional"
     names = {name for name, _ in wrapped}
-    assert names and names <= set(REGIONAL_BLOCKS)
+    assert names and names <= set(REGION_SETS["layers"])
     assert all(kw == {"fullgraph": True, "dynamic": False} for _, kw in wrapped)
     assert sampler(_req(image_rgb)).frames_thwc_uint8.shape == (4, 64, 64, 3)
 

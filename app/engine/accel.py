@@ -26,7 +26,6 @@ REGION_SETS = {
     "blocks": ("BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer", "TemporalBasicTransformerBlock"),
     "layers": ("Transformer2DModel", "TransformerTemporalModel", "ResnetBlock2D", "TemporalConvLayer"),
 }
-REGIONAL_BLOCKS = REGION_SETS["layers"]
 
 
 REGIONAL_RECOMPILE_LIMIT = 64
@@ -62,7 +61,7 @@ class GuardedDenoiser:
         self.seen_shapes: set[tuple[int, ...]] = set()
 
     def will_compile(self, sample_shape: tuple[int, ...]) -> bool:
-        """True when the next call with this latent shape compiles first (about a minute on a GPU)."""
+        """True when the next call with this latent shape compiles first (one to two minutes on an H100)."""
         return not self.failed and self.report.compile != "off" and tuple(sample_shape) not in self.seen_shapes
 
     def __call__(self, *args: Any) -> torch.Tensor:
