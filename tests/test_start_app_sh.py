@@ -165,11 +165,17 @@ def test_a_pre_made_venv_is_used(project, env, tmp_path):
     assert serve["executable"] == str(venv_python)
 
 
+def _default_sigint() -> None:
+    """Start the launcher as a terminal does. Run in the background (`cmd &`), the test runner itself
+    inherits SIGINT as ignored, and so would the launcher: Ctrl+C could then never reach it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_app_and_exits_130(project, env, tmp_path):
     env["I2V_TEST_SLEEP_SERVE"] = "30"
     proc = subprocess.Popen([BASH, str(project / "start_app.sh"), "--model", "tiny"], cwd=tmp_path, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 30
         while not records(env) and time.monotonic() < deadline:
