@@ -564,32 +564,89 @@ def part_coldstart(ctx):
 
 
 def first_result(folder: Path, steps: int, tiny: bool, variant: str) -> None:
-    """Child process of `coldstart`: what a user waits for after launching the app."""
+    """Child process of `coldstart`: what a user waits for after launching the app, stage by stage."""
     t0 = time.perf_counter()
-    from app.engine.accel import apply_accel
+    marks: dict[str, float] = {}
+
+    def mark(name: str, since: float) -> float:
+        sync(device)
+        now = time.perf_counter()
+        marks[name] = now - since
+        return now
+
+    from app.engine.accel import REGION_SETS, apply_accel
     from app.engine.components import load_components
     from app.engine.sampler import I2VGenXLSampler, SampleRequest
 
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.float16
+    t = mark("import_app_s", t0)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+    t = mark("cuda_init_s", t)
     c = load_components(folder, dtype=dtype, variant="fp16")
+    t = mark("read_weights_s", t)
     s = I2VGenXLSampler(c, device, dtype)
     s.place()
-    sync(device)
-    t_load = time.perf_counter() - t0
-    apply_accel(s, **variant_kwargs(variant), force=tiny)
+    t = mark("to_device_s", t)
+    t_load = t - t0
+    kwargs = variant_kwargs(variant)
+    apply_accel(s, **kwargs, force=tiny)
+    regions = region_timer(s.c.unet, REGION_SETS[kwargs["regions"]], device)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8))
     res, frames = (64, 4) if tiny else (512, 16)
     req = SampleRequest(image=img, prompt="a cat", negative_prompt="", height=res, width=res, num_frames=frames,
                         fps=8, steps=2, guidance_scale=9.0, seed=0)
     t = time.perf_counter()
-    s(req)
+    warm = s(req)
     t_warm = time.perf_counter() - t
+    regions.stop()
     req = SampleRequest(**{**req.__dict__, "steps": steps})
     t = time.perf_counter()
     s(req)
-    print(json.dumps({"load_s": t_load, "compile_warmup_s": t_warm, "first_result_s": time.perf_counter() - t,
-                      "total_s": time.perf_counter() - t0}))
+    from torch._dynamo.utils import compile_times, counters
+
+    print(json.dumps({"load_s": t_load, "load_stages_s": marks, "compile_warmup_s": t_warm,
+                      "warmup_stages_s": warm.timings_s, "regions_first_calls": regions.table,
+                      "dynamo_compile_times": compile_times(repr="str", aggregate=True),
+                      "counters": {k: dict(v) for k, v in counters.items()},
+                      "first_result_s": time.perf_counter() - t, "total_s": time.perf_counter() - t0}))
+
+
+class region_timer:
+    """Wall time of the compile regions' calls outside CUDA-graph capture, summed per class: during the
+    warm-up this is where compile time goes (a region compiles on its first call at each shape)."""
+
+    def __init__(self, root: torch.nn.Module, class_names: tuple[str, ...], device: torch.device):
+        self.table: dict[str, dict[str, float]] = {}
+        self.handles = []
+        started: dict[int, float] = {}
+
+        def live() -> bool:
+            return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+        def pre(module, args):
+            if live():
+                sync(device)
+                started[id(module)] = time.perf_counter()
+
+        def post(module, args, out):
+            t = started.pop(id(module), None)
+            if t is not None and live():
+                sync(device)
+                row = self.table.setdefault(type(module).__name__, {"calls": 0, "s": 0.0, "max_s": 0.0})
+                dt = time.perf_counter() - t
+                row["calls"] += 1
+                row["s"] += dt
+                row["max_s"] = max(row["max_s"], dt)
+
+        for module in root.modules():
+            if type(module).__name__ in class_names:
+                self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def stop(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 # Table -----------------------------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""How much frame error would FP8 (e4m3) linear layers add? Runs on a CPU, no GPU needed.
+
+Issue 5 allows FP8 GEMMs only if the frames stay within a relative error of 5e-3 of the fp32
+reference. An H100's FP8 GEMM with a scale per row of the activations and per output channel of the
+weights computes exactly what this script emulates: both operands rounded to e4m3 after scaling their
+amax to 448, products accumulated in higher precision, then scaled back. So the error it measures is
+the error FP8 would add, without an FP8 GPU.
+
+It builds the full-size architecture with random weights (as scripts/benchmark.py does), generates
+the same small video three times on the CPU, and prints the relative errors as JSON:
+fp32 (the reference), fp16, and fp16 with every nn.Linear of the UNet in emulated FP8.
+
+    python scripts/fp8_error_study.py --res 64 --frames 4 --steps 3    # about 7 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+E4M3_MAX = 448.0
+
+
+def fp8_round(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t rounded to e4m3 with one scale per slice along `dim` (its amax maps to 448), back in t's dtype."""
+    t32 = t.float()
+    scale = t32.abs().amax(dim=dim, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return ((t32 / scale).to(torch.float8_e4m3fn).float() * scale).to(t.dtype)
+
+
+class EmulatedFP8Linear(torch.nn.Module):
+    """nn.Linear with its weight rounded per output channel and its input per token."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = torch.nn.Parameter(fp8_round(linear.weight.data, 1), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(fp8_round(x, -1), self.weight, self.bias)
+
+
+def swap_linears(module: torch.nn.Module) -> int:
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, EmulatedFP8Linear(child))
+            count += 1
+        else:
+            count += swap_linears(child)
+    return count
+
+
+def main() -> None:
+    import benchmark
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--res", type=int, default=64)
+    ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+    ctx = benchmark.Ctx(argparse.Namespace(tiny=False, out="/tmp/fp8-error-study", steps=args.steps))
+    ctx.device, ctx.dtype = torch.device("cpu"), torch.float32  # full size, but on the CPU in fp32
+    req = ctx.request(args.res, args.frames, args.steps)
+    noise = ctx.shared_inputs(req)[2]
+
+    def frames(dtype: torch.dtype) -> torch.Tensor:
+        t = time.perf_counter()
+        out, _, _ = ctx.sampler(dtype=dtype).generate(req, latents=noise)
+        print(f"generated in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        return out.float()
+
+    fp32 = frames(torch.float32)
+    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        ctx.parts[name].half()
+    fp16 = frames(torch.float16)
+    linears = swap_linears(ctx.parts["unet"])
+    fp8 = frames(torch.float16)
+    print(json.dumps({"res": args.res, "frames": args.frames, "steps": args.steps, "fp8_linears": linears,
+                      "rel_err_fp16_vs_fp32": benchmark.rel_err(fp16, fp32),
+                      "rel_err_fp8_linears_vs_fp32": benchmark.rel_err(fp8, fp32),
+                      "bound": 5e-3}))
+
+
+if __name__ == "__main__":
+    main()
