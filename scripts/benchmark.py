@@ -592,7 +592,7 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str) -> None:
     t_load = t - t0
     kwargs = variant_kwargs(variant)
     apply_accel(s, **kwargs, force=tiny)
-    regions = region_timer(s.c.unet, REGION_SETS[kwargs["regions"]], device)
+    regions = RegionTimer(s.c.unet, REGION_SETS[kwargs["regions"]], device)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8))
     res, frames = (64, 4) if tiny else (512, 16)
     req = SampleRequest(image=img, prompt="a cat", negative_prompt="", height=res, width=res, num_frames=frames,
@@ -613,7 +613,7 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str) -> None:
                       "first_result_s": time.perf_counter() - t, "total_s": time.perf_counter() - t0}))
 
 
-class region_timer:
+class RegionTimer:
     """Wall time of the compile regions' calls outside CUDA-graph capture, summed per class: during the
     warm-up this is where compile time goes (a region compiles on its first call at each shape)."""
 

@@ -165,17 +165,18 @@ def test_a_pre_made_venv_is_used(project, env, tmp_path):
     assert serve["executable"] == str(venv_python)
 
 
-def _default_sigint() -> None:
-    """Start the launcher as a terminal does. Run in the background (`cmd &`), the test runner itself
-    inherits SIGINT as ignored, and so would the launcher: Ctrl+C could then never reach it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Start the launcher as a terminal does, with SIGINT at its default. A test run started in the background
+# (`cmd &`) inherits SIGINT as ignored, bash cannot un-ignore it, and Ctrl+C could never reach the app.
+# A one-line exec wrapper resets it; the pid stays the same all the way to start_app.py.
+DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.argv[1], sys.argv[1:])"]
 
 
 def test_ctrl_c_stops_the_app_and_exits_130(project, env, tmp_path):
     env["I2V_TEST_SLEEP_SERVE"] = "30"
-    proc = subprocess.Popen([BASH, str(project / "start_app.sh"), "--model", "tiny"], cwd=tmp_path, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, preexec_fn=_default_sigint)
+    proc = subprocess.Popen([*DEFAULT_SIGINT, BASH, str(project / "start_app.sh"), "--model", "tiny"], cwd=tmp_path,
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not records(env) and time.monotonic() < deadline:
