@@ -108,6 +108,7 @@ class AccelSettings:
     regions: str = field(default="layers", metadata=_choice("layers", "blocks"))
     temporal_conv2d: bool = True
     temporal_attention: str = field(default="math", metadata=_choice("math", "sdpa"))
+    fp8_feedforward: bool = False
     cuda_graphs: bool = True
     compile_cache: bool = True
     warmup: bool = True

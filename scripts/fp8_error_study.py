@@ -8,7 +8,7 @@ the error FP8 would add, without an FP8 GPU.
 
 It builds the full-size architecture with random weights (as scripts/benchmark.py does), generates
 the same small video three times on the CPU, and prints the relative errors as JSON:
-fp32 (the reference), fp16, and fp16 with every nn.Linear of the UNet in emulated FP8.
+fp32 (the reference), fp16, and fp16 with every nn.Linear of the UNet (or those named with --only) in emulated FP8.
 
     python scripts/fp8_error_study.py --res 64 --frames 4 --steps 3    # about 7 minutes on 2 cores
 """
@@ -48,15 +48,14 @@ class EmulatedFP8Linear(torch.nn.Module):
         return torch.nn.functional.linear(fp8_round(x, -1), self.weight, self.bias)
 
 
-def swap_linears(module: torch.nn.Module) -> int:
-    count = 0
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear):
-            setattr(module, name, EmulatedFP8Linear(child))
-            count += 1
-        else:
-            count += swap_linears(child)
-    return count
+def swap_linears(root: torch.nn.Module, only: str = "") -> int:
+    """Put EmulatedFP8Linear in place of every nn.Linear whose qualified name contains `only`."""
+    chosen = [name for name, m in root.named_modules() if isinstance(m, torch.nn.Linear) and only in name]
+    for name in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name)
+        setattr(parent, attr, EmulatedFP8Linear(getattr(parent, attr)))
+    return len(chosen)
 
 
 def main() -> None:
@@ -66,6 +65,7 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--only", default="", help="FP8 only for the UNet linears whose name contains this, e.g. 'ff.'")
     args = ap.parse_args()
     ctx = benchmark.Ctx(argparse.Namespace(tiny=False, out="/tmp/fp8-error-study", steps=args.steps))
     ctx.device, ctx.dtype = torch.device("cpu"), torch.float32  # full size, but on the CPU in fp32
@@ -82,9 +82,10 @@ def main() -> None:
     for name in ("unet", "vae", "text_encoder", "image_encoder"):
         ctx.parts[name].half()
     fp16 = frames(torch.float16)
-    linears = swap_linears(ctx.parts["unet"])
+    linears = swap_linears(ctx.parts["unet"], args.only)
     fp8 = frames(torch.float16)
-    print(json.dumps({"res": args.res, "frames": args.frames, "steps": args.steps, "fp8_linears": linears,
+    print(json.dumps({"res": args.res, "frames": args.frames, "steps": args.steps, "only": args.only,
+                      "fp8_linears": linears,
                       "rel_err_fp16_vs_fp32": benchmark.rel_err(fp16, fp32),
                       "rel_err_fp8_linears_vs_fp32": benchmark.rel_err(fp8, fp32),
                       "bound": 5e-3}))

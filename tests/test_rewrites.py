@@ -5,35 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.components import load_components
 from app.engine.rewrites import ShortSequenceAttention, use_conv2d_for_temporal_convs, use_temporal_attention
+from randomunet import random_tiny_unet
+from randomunet import run_unet as _run
+from randomunet import unet_inputs as _inputs
 
 
 @pytest.fixture
 def unet(tiny_model_dir):
-    unet = load_components(tiny_model_dir, dtype=torch.float32).unet.eval()
-    # The last temporal conv of each layer is zero-initialised (an identity layer); give every
-    # weight random values so the rewrites have something to get wrong.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return unet
-
-
-def _inputs(unet, frames=4, size=8, batch=2):
-    g = torch.Generator().manual_seed(1)
-    c = unet.config
-    lat = (batch, c.in_channels, frames, size, size)
-    return dict(sample=torch.randn(lat, generator=g), timestep=torch.tensor(500),
-                encoder_hidden_states=torch.randn(batch, 7, c.cross_attention_dim, generator=g),
-                fps=torch.tensor([8] * batch), image_latents=torch.randn(lat, generator=g),
-                image_embeddings=torch.randn(batch, c.cross_attention_dim, generator=g), return_dict=False)
-
-
-def _run(unet, inputs):
-    with torch.no_grad():
-        return unet(**inputs)[0]
+    return random_tiny_unet(tiny_model_dir)
 
 
 def test_temporal_conv_as_conv2d_matches_conv3d():

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from app.engine.device import is_out_of_memory
+from app.engine.fp8 import fp8_problem, use_fp8_feedforward
 from app.engine.rewrites import use_conv2d_for_temporal_convs, use_temporal_attention
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class AccelReport:
     cuda_graphs: bool = False
     temporal_conv2d: bool = False
     temporal_attention: str = "sdpa"
+    fp8_feedforward: bool = False
     cache_dir: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -145,18 +147,20 @@ class CudaGraphRunner:
 
 
 def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal_conv2d: bool = False,
-                temporal_attention: str = "sdpa", regions: str = "layers", cache_dir: Path | None = None,
+                temporal_attention: str = "sdpa", fp8_feedforward: bool = False, regions: str = "layers",
+                cache_dir: Path | None = None,
                 compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
     """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
 
     `scope` is off, regional or full; `regions` picks what regional compile wraps (REGION_SETS);
     `temporal_conv2d` and `temporal_attention` are exact rewrites (app.engine.rewrites), used with
-    compile; `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not. Only CUDA gets
-    changed unless `force` (the CPU tests use it, with a fake `compiler`).
+    compile; `fp8_feedforward` runs the feed-forward matmuls in FP8 (app.engine.fp8), with compile and
+    where the device supports it; `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not.
+    Only CUDA gets changed unless `force` (the CPU tests use it, with a fake `compiler`).
     """
     report = AccelReport()
     if sampler.device.type != "cuda" and not force:
-        if scope != "off" or cuda_graphs or temporal_conv2d or temporal_attention != "sdpa":
+        if scope != "off" or cuda_graphs or temporal_conv2d or temporal_attention != "sdpa" or fp8_feedforward:
             report.notes.append("speedups skipped: not on a CUDA device")
         return report
     if sampler.offload:
@@ -180,6 +184,16 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     if scope != "off" and temporal_attention != "sdpa":
         undo.append(use_temporal_attention(unet, temporal_attention))
         report.temporal_attention = temporal_attention
+    if scope != "off" and fp8_feedforward:
+        # Unfused, the per-token scaling would cost more memory traffic than FP8 saves: compile only.
+        problem = fp8_problem(sampler.device, sampler.dtype)
+        if problem:
+            note = f"FP8 feed-forward skipped: {problem}"
+            report.notes.append(note)
+            log.warning(note)
+        else:
+            undo.append(use_fp8_feedforward(unet))
+            report.fp8_feedforward = True
     eager = sampler._unet_forward
     compiled: Callable[..., torch.Tensor] = eager
     patched: list[torch.nn.Module] = []

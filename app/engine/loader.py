@@ -57,7 +57,8 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
     accel = settings.accel
     cache = settings.path("models") / ".compile-cache" if accel.compile_cache else None
     report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs, temporal_conv2d=accel.temporal_conv2d,
-                         temporal_attention=accel.temporal_attention, regions=accel.regions, cache_dir=cache)
+                         temporal_attention=accel.temporal_attention, fp8_feedforward=accel.fp8_feedforward,
+                         regions=accel.regions, cache_dir=cache)
     if report.compile != "off" and accel.warmup:
         warmup(sampler, settings)
     return LoadedEngine(sampler=sampler, model_id=source, revision=revision, demo=demo, device=dev,
