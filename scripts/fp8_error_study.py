@@ -11,6 +11,8 @@ the same small video three times on the CPU, and prints the relative errors as J
 fp32 (the reference), fp16, and fp16 with every nn.Linear of the UNet (or those named with --only) in emulated FP8.
 
     python scripts/fp8_error_study.py --res 64 --frames 4 --steps 3    # about 7 minutes on 2 cores
+    python scripts/fp8_error_study.py --steps 10 --only ff.            # the feed-forward linears only
+    python scripts/fp8_error_study.py --steps 10 --app                 # the app's accel.fp8_feedforward
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", default="", help="FP8 only for the UNet linears whose name contains this, e.g. 'ff.'")
+    ap.add_argument("--app", action="store_true",
+                    help="instead of the emulation, the app's own FP8 feed-forward (app/engine/fp8.py, torch._scaled_mm)")
     args = ap.parse_args()
     ctx = benchmark.Ctx(argparse.Namespace(tiny=False, out="/tmp/fp8-error-study", steps=args.steps))
     ctx.device, ctx.dtype = torch.device("cpu"), torch.float32  # full size, but on the CPU in fp32
@@ -82,7 +86,13 @@ def main() -> None:
     for name in ("unet", "vae", "text_encoder", "image_encoder"):
         ctx.parts[name].half()
     fp16 = frames(torch.float16)
-    linears = swap_linears(ctx.parts["unet"], args.only)
+    if args.app:
+        from app.engine.fp8 import feedforward_linears, use_fp8_feedforward
+
+        use_fp8_feedforward(ctx.parts["unet"])
+        linears, args.only = len(feedforward_linears(ctx.parts["unet"])), "app: fp8_feedforward"
+    else:
+        linears = swap_linears(ctx.parts["unet"], args.only)
     fp8 = frames(torch.float16)
     print(json.dumps({"res": args.res, "frames": args.frames, "steps": args.steps, "only": args.only,
                       "fp8_linears": linears,
