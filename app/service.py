@@ -6,10 +6,8 @@ by a loader function passed in, so tests can swap in fakes.
 
 from __future__ import annotations
 
-
 import enum
 import logging
-import os
 import platform
 import threading
 import time
@@ -35,7 +33,15 @@ from app.errors import (
     OutOfMemoryError,
 )
 from app.inputs import check_params, check_prompt, load_image
-from app.video import VideoEntry, VideoFile, list_videos, remove_stale_partials, update_metadata, write_video
+from app.video import (
+    VideoEntry,
+    VideoFile,
+    list_videos,
+    remove_stale_partials,
+    save_input_image,
+    update_metadata,
+    write_video,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +104,6 @@ def _library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return versions
-
-
-def _save_input_image(image: Image.Image, video_path: Path) -> str | None:
-    """Keep the (decoded, size-capped) input beside its video, so the history can restore it too."""
-    target = video_path.with_name(video_path.stem + ".input.png")
-    tmp = target.with_name("." + target.name + ".part")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, target)
-    except OSError as exc:  # the video is what matters; a missing input copy only costs the restore
-        log.warning("could not keep the input image beside %s: %s", video_path.name, exc)
-        tmp.unlink(missing_ok=True)
-        return None
-    return target.name
 
 
 class GenerationService:
@@ -309,7 +301,7 @@ class GenerationService:
             }
             video = self._writer(result.frames_thwc_uint8, sample.fps, self.settings.path("outputs"),
                                 {**metadata, "timings_s": timings})
-            input_name = _save_input_image(image, video.path)
+            input_name = save_input_image(image, video.path)
             timings["write"] = time.perf_counter() - write_start
             timings["total"] = time.perf_counter() - started
             metadata["timings_s"] = {k: round(v, 4) for k, v in timings.items()}

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -171,8 +172,6 @@ def remove_stale_partials(out_dir: Path, max_age_s: float = 3600.0, *, now: floa
 
     Live writes are never that old, so a running writer in another process is left alone.
     """
-    import time
-
     now = time.time() if now is None else now
     removed = []
     if not Path(out_dir).is_dir():
@@ -187,6 +186,21 @@ def remove_stale_partials(out_dir: Path, max_age_s: float = 3600.0, *, now: floa
         except OSError as exc:  # held open elsewhere (Windows) or already gone: try again next start
             logger.debug("could not remove %s: %s", path, exc)
     return removed
+
+
+def save_input_image(image: Any, video_path: Path) -> str | None:
+    """Keep the (decoded, size-capped) input PIL image beside its video as ``<stem>.input.png``, so the
+    history can restore it too; returns that file's name, or None if it could not be written."""
+    target = video_path.with_name(video_path.stem + ".input.png")
+    tmp = target.with_name("." + target.name + ".part")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, target)
+    except OSError as exc:  # the video is what matters; a missing input copy only costs the restore
+        logger.warning("could not keep the input image beside %s: %s", video_path.name, exc)
+        tmp.unlink(missing_ok=True)
+        return None
+    return target.name
 
 
 def update_metadata(video: VideoFile, updates: dict[str, Any]) -> dict[str, Any]:
