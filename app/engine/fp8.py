@@ -71,7 +71,8 @@ def fp8_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     try:
         a = torch.randn(32, 64, device=device, dtype=dtype)
         b = torch.randn(48, 64, device=device, dtype=dtype)
-        probe = types.SimpleNamespace(fp8_weight=quantize_rows(b)[0], fp8_scale=quantize_rows(b)[1], bias=None)
+        weight, scale = quantize_rows(b)
+        probe = types.SimpleNamespace(fp8_weight=weight, fp8_scale=scale, bias=None)
         out = _fp8_linear_forward(probe, a)  # type: ignore[arg-type]
         ref = a.float() @ b.float().t()
         err = float((out.float() - ref).norm() / ref.norm())
