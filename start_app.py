@@ -76,6 +76,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app import diagnose  # noqa: E402  (stdlib-only at import time: torch is probed lazily)
+from app.engine.components import looks_like_hub_id  # noqa: E402  (stdlib-only too)
 
 IS_WINDOWS = sys.platform == "win32"
 MARKER_NAME = "i2v-app-install.json"
@@ -516,10 +517,6 @@ class ModelCheck:
     found: Path | None = None
     problem: str | None = None
     downloadable: bool = False
-
-
-def looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and ".." not in text
 
 
 def check_model(model: str | None, config: LauncherConfig, environ: Mapping[str, str], cwd: Path) -> ModelCheck:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,11 @@ def is_complete_snapshot(folder: Path) -> bool:
     return snapshot_problem(folder) is None
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """`owner/name` as the hub spells repository ids (no paths, spaces, backslashes or `..`)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and ".." not in text
+
+
 def resolve_model_dir(source: str, *, local_dir: Path, revision: str | None = None,
                       variant: str = "fp16", cache_dir: Path | None = None) -> Path:
     """Turn a model source (folder or hub id) into a local folder in the hub layout, without downloading."""
@@ -111,7 +117,7 @@ def resolve_model_dir(source: str, *, local_dir: Path, revision: str | None = No
                 f"{', '.join(COMPONENT_NAMES)} 各目录和权重文件。",
             )
         return as_path
-    if source.count("/") != 1 or source.startswith((".", "/", "~")) or "\\" in source:
+    if not looks_like_hub_id(source):
         raise ModelMissingError(
             f"Model {source!r} is neither an existing folder nor a Hugging Face hub id like {DEFAULT_HUB_ID}.",
             f"模型 {source!r} 既不是已存在的目录,也不是 Hugging Face 模型 ID(例如 {DEFAULT_HUB_ID})。",
