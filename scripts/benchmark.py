@@ -524,9 +524,8 @@ def part_oom(ctx):
                      "next_run_ok": r.video_path.exists()})
 
 
-def part_load(ctx):
-    """Save the random model in the hub layout (fp16 variant), then time our loader on it."""
-    from app.engine.components import load_components
+def saved_model(ctx) -> Path:
+    """The random model in the hub layout (fp16 variant), saved on first use."""
     from app.engine.tiny import save_hub_layout
 
     folder = Path(ctx.args.model_dir or (ctx.out / "model"))
@@ -534,6 +533,14 @@ def part_load(ctx):
         t = time.perf_counter()
         save_hub_layout(ctx.parts, folder, variant=None if ctx.args.tiny else "fp16")
         print(f"saved hub layout in {time.perf_counter() - t:.1f} s", flush=True)
+    return folder
+
+
+def part_load(ctx):
+    """Save the random model in the hub layout (fp16 variant), then time our loader on it."""
+    from app.engine.components import load_components
+
+    folder = saved_model(ctx)
     t = time.perf_counter()
     c = load_components(folder, dtype=ctx.dtype, variant="fp16")
     for m in c.modules.values():
@@ -545,7 +552,7 @@ def part_load(ctx):
 
 def part_coldstart(ctx):
     """A fresh process: load the saved model, compile, first 512p result. Twice: empty cache, then kept cache."""
-    folder = Path(ctx.args.model_dir or (ctx.out / "model"))
+    folder = saved_model(ctx)
     results = {}
     # The same cache the in-process parts use, emptied first: later parts then start warm, as a
     # restarted app does.

@@ -68,6 +68,41 @@ def test_only_the_feedforward_linears_change_and_the_undo_is_exact(unet):
     assert torch.equal(run_unet(unet, inputs), expected)
 
 
+def test_feedforward_layers_cublas_cannot_take_stay_fp16(unet):
+    every = [m for ff in unet.modules() if type(ff).__name__ == "FeedForward"
+             for m in ff.modules() if isinstance(m, torch.nn.Linear)]
+    chosen = feedforward_linears(unet)
+    # The image-latent encoder's feed-forward works on the 4 latent channels: an H100 refused it.
+    encoder = unet.image_latents_temporal_encoder.ff
+    assert any(m in chosen for m in every) and not any(m in chosen for m in encoder.modules())
+    assert [m for m in every if m.in_features % 16 == 0 and m.out_features % 16 == 0] == chosen
+    left = [m for m in every if m not in chosen]
+    use_fp8_feedforward(unet)
+    assert not any("fp8_weight" in m._buffers or "forward" in m.__dict__ for m in left)
+
+
+def test_a_failing_fp8_matmul_at_run_time_falls_back_to_the_plain_eager_unet(sampler, image_rgb, monkeypatch,
+                                                                             caplog):
+    req = SampleRequest(image=Image.fromarray(image_rgb), prompt="a cat", negative_prompt="", height=64, width=64,
+                        num_frames=4, fps=8, steps=2, guidance_scale=6.0, seed=7)
+    exact = sampler(req).frames_thwc_uint8
+    report = apply_accel(sampler, "regional", fp8_feedforward=True, temporal_conv2d=True, temporal_attention="math",
+                         compiler=_identity_compiler, force=True)
+    assert report.fp8_feedforward and report.temporal_conv2d
+
+    def refuse(*a, **k):
+        raise RuntimeError("Expected trailing dimension of mat1 to be divisible by 16")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with caplog.at_level(logging.WARNING, logger="app.engine.accel"):
+        got = sampler(req).frames_thwc_uint8
+    assert np.array_equal(got, exact)  # every speedup undone, not only the compile
+    assert "divisible by 16" in report.notes[0] and "running eager instead" in caplog.text
+    assert (report.compile, report.fp8_feedforward, report.temporal_conv2d, report.temporal_attention) == (
+        "off", False, False, "sdpa")
+    assert not any("forward" in m.__dict__ or "fp8_weight" in m._buffers for m in sampler.c.unet.modules())
+
+
 def test_the_cpu_runs_fp8_and_old_gpus_are_named(monkeypatch):
     assert fp8_problem(torch.device("cpu"), torch.float32) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))

@@ -54,7 +54,8 @@ def use_compile_cache(cache_dir: Path) -> None:
 
 
 class GuardedDenoiser:
-    """Calls the compiled UNet; on a compile or runtime failure (not OOM) restores eager and retries once."""
+    """Calls the compiled UNet; on a compile or runtime failure (not OOM) undoes every speedup (compile,
+    rewrites, FP8) and retries once with the plain eager UNet."""
 
     def __init__(self, compiled: Callable[..., torch.Tensor], eager: Callable[..., torch.Tensor],
                  restore: Callable[[], None], report: AccelReport):
@@ -82,6 +83,9 @@ class GuardedDenoiser:
             self.report.notes.append(note)
             self.report.compile = "off"
             self.report.cuda_graphs = False
+            self.report.temporal_conv2d = False
+            self.report.temporal_attention = "sdpa"
+            self.report.fp8_feedforward = False
             log.warning(note)
             return self.eager(*args)
 
@@ -240,7 +244,8 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
         compiled = CudaGraphRunner(compiled, report)
         report.cuda_graphs = True
     if report.compile != "off" or report.cuda_graphs:
-        sampler.denoise_fn = GuardedDenoiser(compiled, eager, restore, report)
+        # A failure may come from a rewrite or FP8 as well as from the compiler: fall back to all of it undone.
+        sampler.denoise_fn = GuardedDenoiser(compiled, eager, sampler.undo_accel, report)
     return report
 
 
