@@ -345,10 +345,20 @@ def unet_inputs(ctx, res, frames):
 
 
 def variant_kwargs(variant: str) -> dict:
-    """'layers+conv2d+graphs' -> apply_accel's arguments. Scopes: eager, blocks, layers (regional), full."""
+    """'layers+conv2d+graphs' -> apply_accel's arguments. Scopes: eager, blocks, layers, spatiallayers,
+    temporallayers (regional), full."""
+    from app.engine.accel import REGION_SETS
+
+    # Study only: one transformer kind compiled whole, the other per block (compile time vs speed).
+    REGION_SETS.setdefault("spatiallayers", ("Transformer2DModel", "BasicTransformerBlock", "ResnetBlock2D",
+                                             "TemporalConvLayer"))
+    REGION_SETS.setdefault("temporallayers", ("TransformerTemporalModel", "BasicTransformerBlock", "ResnetBlock2D",
+                                              "TemporalConvLayer"))
     scope_name, *opts = variant.split("+")
     scope, regions = {"eager": ("off", "layers"), "blocks": ("regional", "blocks"),
-                      "layers": ("regional", "layers"), "full": ("full", "layers")}[scope_name]
+                      "layers": ("regional", "layers"), "full": ("full", "layers"),
+                      "spatiallayers": ("regional", "spatiallayers"),
+                      "temporallayers": ("regional", "temporallayers")}[scope_name]
     unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "fp8ff"}  # prof: read by part_unetcall
     if unknown:
         raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")

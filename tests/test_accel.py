@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from app.engine.accel import REGION_SETS, apply_accel
+from app.engine.accel import REGION_SETS, apply_accel, use_compile_cache
 from app.engine.components import load_components
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 
@@ -204,3 +205,35 @@ def test_cuda_graphs_alone_do_not_announce_a_compile(sampler, image_rgb, fake_cu
     stages = []
     sampler(_req(image_rgb), on_progress=lambda p: stages.append(p.stage))
     assert "compile" not in stages and "denoise" in stages
+
+
+CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")
+
+
+@pytest.fixture
+def clean_cache_env(monkeypatch):
+    for name in CACHE_VARS:  # recorded, so the teardown restores what was there
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+
+
+def test_the_compile_cache_goes_under_models_although_importing_diffusers_set_torchs_default(tmp_path,
+                                                                                          clean_cache_env):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    cache_dir()  # what importing diffusers does: it writes torch's /tmp default into the environment
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.abspath(default_cache_dir())
+    use_compile_cache(tmp_path / ".compile-cache")
+    assert cache_dir() == str(tmp_path / ".compile-cache" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / ".compile-cache" / "triton")
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+
+
+def test_a_compile_cache_folder_the_user_chose_is_kept(tmp_path, clean_cache_env, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine-triton"))
+    use_compile_cache(tmp_path / ".compile-cache")
+    assert cache_dir() == str(tmp_path / "mine")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine-triton")

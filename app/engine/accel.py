@@ -45,9 +45,25 @@ class AccelReport:
 
 
 def use_compile_cache(cache_dir: Path) -> None:
-    """Keep Inductor's and Triton's caches under models/, so a restart skips most compile work."""
+    """Keep Inductor's and Triton's caches under models/, so a restart skips most compile work.
+
+    A cache folder the user chose (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) wins. But importing
+    diffusers already makes torch write its own default (/tmp/torchinductor_<user>) into
+    TORCHINDUCTOR_CACHE_DIR, and /tmp is emptied at reboot on many systems and in WSL2: that value is
+    replaced, and torch's memoized cache paths are cleared so they follow.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     cache_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if inductor is None or os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+        try:
+            from torch._inductor.utils import clear_caches
+
+            clear_caches()
+        except ImportError:  # older torch: nothing memoized to clear
+            pass
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
