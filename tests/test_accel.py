@@ -237,3 +237,15 @@ def test_a_compile_cache_folder_the_user_chose_is_kept(tmp_path, clean_cache_env
     use_compile_cache(tmp_path / ".compile-cache")
     assert cache_dir() == str(tmp_path / "mine")
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine-triton")
+
+
+def test_an_unwritable_cache_folder_is_a_note_not_a_failure(sampler, image_rgb, tmp_path, clean_cache_env, caplog):
+    blocker = tmp_path / "models"
+    blocker.write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING, logger="app.engine.accel"):
+        report = apply_accel(sampler, "regional", compiler=lambda fn, **kw: fn, cache_dir=blocker / ".compile-cache",
+                             force=True)
+    assert report.compile == "regional" and report.cache_dir is None
+    assert report.notes[0].startswith(f"compile cache not kept in {blocker / '.compile-cache'}")
+    assert "restarts will compile again" in caplog.text
+    assert sampler(_req(image_rgb)).frames_thwc_uint8.shape == (4, 64, 64, 3)

@@ -228,8 +228,13 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     if scope != "off":
         compiler = compiler or torch.compile
         if cache_dir is not None:
-            use_compile_cache(cache_dir)
-            report.cache_dir = str(cache_dir)
+            try:
+                use_compile_cache(cache_dir)
+                report.cache_dir = str(cache_dir)
+            except OSError as exc:  # a read-only or full disk: compile anyway, with torch's own cache
+                note = f"compile cache not kept in {cache_dir} ({exc.strerror or exc}); restarts will compile again"
+                report.notes.append(note)
+                log.warning(note)
         try:
             if scope == "regional":
                 # Each block class meets several shapes (4 resolutions, spatial and temporal passes); with
