@@ -7,7 +7,7 @@ Writes JSON (one file per part) and prints a table last.
     python scripts/benchmark.py --out bench/ --table          # print the table of everything measured
 
 Parts: load, ref512, fp32ref512, ours512, compile512, ref768, compile768, profile512, unetcall512, unetcall768,
-lowvram, stability, oom, coldstart. `--accel` picks the speedups of the compile parts and coldstart (default: the
+lowvram, stability, oom, coldstart, appstart, sizeswitch. `--accel` picks the speedups of the compile parts and coldstart (default: the
 app's); `--variants` the ones unetcall compares.
 `--tiny` runs the same code on the tiny model on a CPU, to check the script itself.
 """
@@ -581,6 +581,74 @@ def part_coldstart(ctx):
     ctx.save("coldstart", results)
 
 
+def part_sizeswitch(ctx):
+    """A user switching sizes with the speedups on: size A, then B, then A again, same seed, 3 steps each.
+    The second A re-captures its CUDA graph at once (its shape was seen) and must give the first A's frames;
+    allocated memory must come back to A's level; no speedup may have fallen back."""
+    from app.engine.accel import apply_accel
+    from app.engine.sampler import SampleRequest
+
+    s = ctx.base_sampler
+    report = apply_accel(s, **variant_kwargs(ctx.args.accel), cache_dir=ctx.out / "compile-cache",
+                         force=ctx.args.tiny)
+    sizes = [(64, 4), (32, 4), (64, 4)] if ctx.args.tiny else [(512, 16), (384, 16), (512, 16)]
+    rows, outs = [], []
+    for res, frames in sizes:
+        req = SampleRequest(image=ctx.image, prompt=ctx.prompt, negative_prompt=ctx.negative, height=res, width=res,
+                            num_frames=frames, fps=8, steps=3, guidance_scale=9.0, seed=1234, decode_chunk_size=4)
+        t = time.perf_counter()
+        out, _, _ = s.generate(req)
+        sync(ctx.device)
+        outs.append(out.float().cpu())
+        rows.append({"size": f"{res}x{frames}", "s": time.perf_counter() - t,
+                     "allocated_mib": torch.cuda.memory_allocated() / 2**20 if ctx.device.type == "cuda" else 0.0})
+        ctx.save("sizeswitch", {"accel": ctx.args.accel, "runs": rows, "notes": list(report.notes)})
+    rel = float((outs[2] - outs[0]).norm() / outs[0].norm())
+    ctx.save("sizeswitch", {"accel": ctx.args.accel, "runs": rows, "rel_diff_first_vs_last": rel,
+                            "ok": rel < 1e-3 and (ctx.args.tiny or (report.cuda_graphs and report.compile != "off")),
+                            "report": asdict(report)})
+
+
+def folder_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
+
+
+def part_appstart(ctx):
+    """The app's own start-up (load_engine with configs/config.yaml) in two fresh processes that share a fresh
+    models/ folder: the first start compiles, the restart should find the compile cache there."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = saved_model(ctx)
+    models = ctx.out / "app-models"
+    shutil.rmtree(models, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env.update(I2V_MODEL__SOURCE=str(folder), I2V_PATHS__MODELS=str(models),
+               I2V_MODEL__VARIANT="" if ctx.args.tiny else "fp16")
+    torch_default = Path(default_cache_dir())
+    results = {}
+    for label in ("first_start", "restart"):
+        before = folder_mib(torch_default)
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, "--app-start"], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        inner = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-2000:]}
+        results[label] = {"wall_s": wall, **inner, "cache_mib": {p.name: folder_mib(p) for p in
+                                                                 sorted((models / ".compile-cache").glob("*"))},
+                          "torch_default_cache_grew_mib": folder_mib(torch_default) - before}
+    ctx.save("appstart", results)
+
+
+def app_start() -> None:
+    """Child process of `appstart`: what start_app.py's model loading does, timed."""
+    t0 = time.perf_counter()
+    from app.config import load_settings
+    from app.engine.loader import load_engine
+
+    engine = load_engine(load_settings())
+    print(json.dumps({"load_engine_s": time.perf_counter() - t0, "warmup_s": engine.warmup_s,
+                      "accel": asdict(engine.accel), "cache_env": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}))
+
+
 def first_result(folder: Path, steps: int, tiny: bool, variant: str) -> None:
     """Child process of `coldstart`: what a user waits for after launching the app, stage by stage."""
     t0 = time.perf_counter()
@@ -688,7 +756,7 @@ def table(out: Path) -> None:
             if "stages_s" in r:
                 print("    stages: " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items())
                       + f"; warm-up {r['warmup_s']:.1f} s")
-    for name in ("load", "fp32ref512", "stability", "oom", "coldstart"):
+    for name in ("load", "fp32ref512", "stability", "oom", "coldstart", "appstart"):
         if name in rows:
             r = {k: v for k, v in rows[name].items() if k not in ("part", "device", "torch", "date")}
             print(f"{name}: {json.dumps(r)[:400]}")
@@ -710,9 +778,13 @@ def main() -> None:
     ap.add_argument("--model-dir")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--first-result")
+    ap.add_argument("--app-start", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.first_result:
         first_result(Path(args.first_result), args.steps, args.tiny, args.accel)
+        return
+    if args.app_start:
+        app_start()
         return
     ctx = Ctx(args)
     parts = {
@@ -730,6 +802,8 @@ def main() -> None:
         "stability": lambda: part_stability(ctx),
         "oom": lambda: part_oom(ctx),
         "coldstart": lambda: part_coldstart(ctx),
+        "appstart": lambda: part_appstart(ctx),
+        "sizeswitch": lambda: part_sizeswitch(ctx),
     }
     for name in [p for p in args.parts.split(",") if p]:
         t = time.perf_counter()

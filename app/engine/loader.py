@@ -33,6 +33,7 @@ class LoadedEngine:
     dtype_name: str
     offload: bool
     accel: AccelReport = field(default_factory=AccelReport)
+    warmup_s: float | None = None  # compile warm-up at start-up; None when there was none
 
 
 def load_engine(settings: Settings, *, source: str | None = None, device: str | None = None) -> LoadedEngine:
@@ -59,10 +60,10 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
     report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs, temporal_conv2d=accel.temporal_conv2d,
                          temporal_attention=accel.temporal_attention, fp8_feedforward=accel.fp8_feedforward,
                          regions=accel.regions, cache_dir=cache)
-    if report.compile != "off" and accel.warmup:
-        warmup(sampler, settings)
+    warmup_s = warmup(sampler, settings) if report.compile != "off" and accel.warmup else None
     return LoadedEngine(sampler=sampler, model_id=source, revision=revision, demo=demo, device=dev,
-                        dtype_name=str(dtype).removeprefix("torch."), offload=offload, accel=report)
+                        dtype_name=str(dtype).removeprefix("torch."), offload=offload, accel=report,
+                        warmup_s=warmup_s)
 
 
 def warmup(sampler: I2VGenXLSampler, settings: Settings) -> float:
