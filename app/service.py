@@ -23,7 +23,7 @@ from app.config import Settings
 from app.engine import device as gpu
 from app.engine.imageops import center_crop_resize
 from app.engine.loader import LoadedEngine
-from app.engine.sampler import CLIP_MAX_TOKENS, I2VGenXLSampler, Progress, SampleRequest
+from app.engine.sampler import CLIP_MAX_TOKENS, Progress, SampleRequest
 from app.errors import (
     AppError,
     CancelledError,
