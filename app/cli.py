@@ -170,7 +170,9 @@ def _make_service(args: argparse.Namespace, settings: Any) -> Any:
     from app.service import GenerationService
 
     source = args.model or settings.model.source
-    return GenerationService(settings, lambda: load_engine(settings, source=source))
+    service = GenerationService(settings, lambda: load_engine(settings, source=source,
+                                                              on_stage=service.show_loading_stage))
+    return service
 
 
 def _serve(args: argparse.Namespace, settings: Any) -> int:

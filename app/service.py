@@ -106,6 +106,17 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
+# The status line while the model loads, per load_engine stage. Compiling is most of a first start.
+LOADING_MESSAGES = {
+    "weights": Message("Model loading: reading the weights…", "模型加载中:正在读取模型权重…"),
+    "compile_first": Message("Model loading: optimising it for this GPU. Only the first start takes this long "
+                             "(one to two minutes); later starts reuse the result.",
+                             "模型加载中:正在为本机 GPU 优化模型。仅首次启动需要这么久(约一到两分钟),之后启动会复用优化结果。"),
+    "compile_cached": Message("Model loading: optimising it for this GPU from the last start's saved result…",
+                              "模型加载中:正在用上次启动保存的结果为本机 GPU 优化模型…"),
+}
+
+
 class GenerationService:
     """Owns the engine and the GPU. Thread-safe: concurrent callers queue on one lock."""
 
@@ -160,6 +171,11 @@ class GenerationService:
             log.info("model %s ready on %s in %.1f s", engine.model_id, engine.device, took)
         finally:
             self._ready.set()
+
+    def show_loading_stage(self, stage: str) -> None:
+        """load_engine's `on_stage`: say in the status line what loading is doing now."""
+        if self._state is ModelState.LOADING and stage in LOADING_MESSAGES:
+            self._state_message = LOADING_MESSAGES[stage]
 
     def wait_until_loaded(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)

@@ -183,3 +183,42 @@ def test_history_lists_newest_first(make_service, image_rgb):
     entries = svc.history()
     assert [e.path for e in entries] == [second.video_path, first.video_path]
     assert entries[0].metadata["seed"] == 2
+
+
+def test_the_status_line_says_what_loading_is_doing_and_ready_wins(settings, monkeypatch):
+    from app.engine import loader
+    from app.engine.accel import AccelReport
+
+    heard: list[tuple[str, str]] = []
+    # On the CPU nothing compiles: pretend the speedups applied, so the warm-up stage runs.
+    monkeypatch.setattr(loader, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
+    monkeypatch.setattr(loader, "warmup", lambda sampler, s: heard.append(("warm-up", "")) or 0.1)
+
+    def listen(stage: str) -> None:
+        svc.show_loading_stage(stage)
+        heard.append((stage, svc.status()["message"].en))
+
+    svc = GenerationService(settings, lambda: loader.load_engine(settings, source="tiny", on_stage=listen))
+    svc.load()
+    assert [stage for stage, _ in heard] == ["weights", "compile_first", "warm-up"]
+    assert heard[0][1] == "Model loading: reading the weights…"
+    assert heard[1][1].startswith("Model loading: optimising it for this GPU. Only the first start takes this long")
+    assert svc.state is ModelState.READY and svc.status()["message"].en.startswith("Demo model ready")
+    svc.show_loading_stage("weights")  # a late call cannot take "ready" back
+    assert svc.status()["message"].en.startswith("Demo model ready")
+    assert svc.engine.warmup_s == 0.1
+
+    # A later start finds the compile cache of this one.
+    (settings.path("models") / ".compile-cache" / "inductor" / "fxgraph").mkdir(parents=True)
+    heard.clear()
+    svc = GenerationService(settings, lambda: loader.load_engine(settings, source="tiny", on_stage=listen))
+    svc.load()
+    assert [stage for stage, _ in heard] == ["weights", "compile_cached", "warm-up"]
+    assert heard[1][1] == "Model loading: optimising it for this GPU from the last start's saved result…"
+
+
+def test_the_zh_status_line_while_compiling(settings):
+    svc = GenerationService(settings, lambda: None)
+    svc.show_loading_stage("compile_first")
+    zh = svc.status()["message"].text("zh")
+    assert zh.startswith("模型加载中") and "首次启动" in zh

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,8 +36,18 @@ class LoadedEngine:
     warmup_s: float | None = None  # compile warm-up at start-up; None when there was none
 
 
-def load_engine(settings: Settings, *, source: str | None = None, device: str | None = None) -> LoadedEngine:
-    """Load the model named by `source` (default: the config's) onto `device`. Never downloads."""
+# What load_engine is doing, for a status line: reading the weights, or compiling (first time, or with the
+# compile cache of an earlier start).
+LOADING_STAGES = ("weights", "compile_first", "compile_cached")
+
+
+def load_engine(settings: Settings, *, source: str | None = None, device: str | None = None,
+                on_stage: Callable[[str], None] | None = None) -> LoadedEngine:
+    """Load the model named by `source` (default: the config's) onto `device`. Never downloads.
+
+    `on_stage` hears each of LOADING_STAGES as it starts (the compile stages only when there is a warm-up).
+    """
+    say = on_stage or (lambda stage: None)
     source = source or settings.model.source
     dev = gpu.resolve_device(device or settings.model.device)
     dtype = gpu.resolve_dtype(settings.model.dtype, dev)
@@ -51,16 +61,21 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
         revision = snapshot_revision(model_dir) or settings.model.revision
     offload = gpu.choose_offload(settings.model.low_vram, dev, settings.model.low_vram_threshold_gib)
     log.info("loading %s from %s on %s (%s%s)", source, model_dir, dev, dtype, ", low-VRAM" if offload else "")
+    say("weights")
     components = load_components(model_dir, dtype=dtype, variant=settings.model.variant, model_id=source,
                                  revision=revision)
     sampler = I2VGenXLSampler(components, dev, dtype, offload=offload)
     sampler.place()
     accel = settings.accel
     cache = settings.path("models") / ".compile-cache" if accel.compile_cache else None
+    cached = cache is not None and (cache / "inductor").is_dir() and any((cache / "inductor").iterdir())
     report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs, temporal_conv2d=accel.temporal_conv2d,
                          temporal_attention=accel.temporal_attention, fp8_feedforward=accel.fp8_feedforward,
                          regions=accel.regions, cache_dir=cache)
-    warmup_s = warmup(sampler, settings) if report.compile != "off" and accel.warmup else None
+    warmup_s = None
+    if report.compile != "off" and accel.warmup:
+        say("compile_cached" if cached else "compile_first")
+        warmup_s = warmup(sampler, settings)
     return LoadedEngine(sampler=sampler, model_id=source, revision=revision, demo=demo, device=dev,
                         dtype_name=str(dtype).removeprefix("torch."), offload=offload, accel=report,
                         warmup_s=warmup_s)
