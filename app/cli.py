@@ -167,11 +167,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _make_service(args: argparse.Namespace, settings: Any) -> Any:
     _quiet_libraries()
     from app.engine.loader import load_engine
-    from app.service import GenerationService
+    from app.service import LOADING_MESSAGES, GenerationService
 
     source = args.model or settings.model.source
-    service = GenerationService(settings, lambda: load_engine(settings, source=source,
-                                                              on_stage=service.show_loading_stage))
+
+    def on_stage(stage: str) -> None:
+        service.show_loading_stage(stage)
+        if stage in ("compile_first", "compile_cached") and not getattr(args, "quiet", False):
+            message = LOADING_MESSAGES[stage]  # the long part of a start: say it in the console too
+            _say("INFO", f"{message.en} / {message.zh}")
+
+    service = GenerationService(settings, lambda: load_engine(settings, source=source, on_stage=on_stage))
     return service
 
 

@@ -110,3 +110,21 @@ def test_help_documents_exit_codes(capsys):
         cli.main(["generate", "--help"])
     text = capsys.readouterr().out
     assert "4 out of GPU memory" in text and "3 model missing" in text
+
+
+def test_the_console_says_when_a_start_is_compiling(env_dirs, input_png, capsys, monkeypatch):
+    from app.engine import loader
+    from app.engine.accel import AccelReport
+
+    # On the CPU nothing compiles: pretend the speedups applied, so the warm-up stage runs.
+    monkeypatch.setattr(loader, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
+    monkeypatch.setattr(loader, "warmup", lambda sampler, settings: 0.1)
+    code, out = _run(capsys, "generate", "--model", "tiny", "--image", str(input_png), "--prompt", "a cat",
+                     "--resolution", "64", "--frames", "4", "--steps", "2", "--quiet")
+    assert code == 0
+    assert "optimising" not in out  # --quiet
+    code, out = _run(capsys, "generate", "--model", "tiny", "--image", str(input_png), "--prompt", "a cat",
+                     "--resolution", "64", "--frames", "4", "--steps", "2", "--compile")
+    assert code == 0
+    assert ("[INFO] Model loading: optimising it for this GPU. Only the first start takes this long (one to two "
+            "minutes); later starts reuse the result. / 模型加载中:正在为本机 GPU 优化模型") in out
