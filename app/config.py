@@ -109,6 +109,7 @@ class AccelSettings:
     temporal_conv2d: bool = True
     temporal_attention: str = field(default="math", metadata=_choice("math", "sdpa"))
     fp8_feedforward: bool = False
+    dynamic_sizes: bool = False
     cuda_graphs: bool = True
     compile_cache: bool = True
     warmup: bool = True

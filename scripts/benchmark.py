@@ -359,18 +359,19 @@ def variant_kwargs(variant: str) -> dict:
                       "layers": ("regional", "layers"), "full": ("full", "layers"),
                       "spatiallayers": ("regional", "spatiallayers"),
                       "temporallayers": ("regional", "temporallayers")}[scope_name]
-    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "fp8ff"}  # prof: read by part_unetcall
+    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "fp8ff", "dyn"}  # prof: read by part_unetcall
     if unknown:
         raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")
     return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
-            "temporal_attention": "math" if "tmath" in opts else "sdpa", "fp8_feedforward": "fp8ff" in opts}
+            "temporal_attention": "math" if "tmath" in opts else "sdpa", "fp8_feedforward": "fp8ff" in opts,
+            "dynamic_sizes": "dyn" in opts}
 
 
 def part_unetcall(ctx, res, frames):
     """One CFG-batched UNet call under each accel variant (--variants): compile time, ms per call,
     peak memory, relative error vs eager fp16. A variant is a scope (eager, blocks, layers, full) plus
     options: +conv2d (temporal convs as 2-D), +graphs (CUDA graph of the whole call), +tmath (short-sequence
-    temporal attention), +fp8ff (FP8 feed-forward matmuls), +prof (profile it)."""
+    temporal attention), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width), +prof (profile it)."""
     from app.engine.accel import apply_accel, remove_accel
 
     s = ctx.base_sampler
@@ -770,7 +771,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--accel", default="layers+conv2d+graphs+tmath",
                     help="speedups for the compile parts: a scope (eager, blocks, layers, full) and +conv2d, +graphs, "
-                         "+tmath, +fp8ff (FP8 feed-forward matmuls) (the app's defaults: layers+conv2d+graphs+tmath)")
+                         "+tmath, +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width) "
+                         "(the app's defaults: layers+conv2d+graphs+tmath)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--variants", default="eager,blocks,layers,layers+conv2d+graphs,layers+conv2d+graphs+tmath,"
                                           "layers+conv2d+tmath+prof",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from app.engine.accel import REGION_SETS, apply_accel, use_compile_cache
+from app.engine.accel import REGION_SETS, apply_accel, remove_accel, use_compile_cache
 from app.engine.components import load_components
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 
@@ -249,3 +250,35 @@ def test_an_unwritable_cache_folder_is_a_note_not_a_failure(sampler, image_rgb, 
     assert report.notes[0].startswith(f"compile cache not kept in {blocker / '.compile-cache'}")
     assert "restarts will compile again" in caplog.text
     assert sampler(_req(image_rgb)).frames_thwc_uint8.shape == (4, 64, 64, 3)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sizes_compile_once_for_every_resolution(sampler, image_rgb, dynamic):
+    """Real Dynamo on the CPU, counting graphs: a second resolution compiles again, unless sizes are symbols."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    report = apply_accel(sampler, "regional", dynamic_sizes=dynamic, force=True,
+                         compiler=lambda fn, **kw: torch.compile(fn, backend=counter, **kw))
+    try:
+        small = _req(image_rgb)
+        expected = sampler(small).frames_thwc_uint8
+        first = counter.frame_count
+        big = replace(small, height=128, width=128)
+        predicted = sampler.denoise_fn.will_compile((2, *sampler.latent_shape(big)[1:]))  # CFG doubles the batch
+        sampler(big)
+        added = counter.frame_count - first
+        assert np.array_equal(sampler(small).frames_thwc_uint8, expected)  # the symbolic graphs compute the same
+    finally:
+        remove_accel(sampler)
+        torch._dynamo.reset()
+    assert report.dynamic_sizes is dynamic and first > 0
+    assert added == (0 if dynamic else first) and predicted is not dynamic
+    assert not any(m._forward_pre_hooks for m in sampler.c.unet.modules())  # the marking hooks are undone
+
+
+def test_dynamic_sizes_with_full_compile_say_they_do_not_apply(sampler):
+    report = apply_accel(sampler, "full", dynamic_sizes=True, compiler=lambda fn, **kw: fn, force=True)
+    assert report.dynamic_sizes is False
+    assert report.notes == ["dynamic sizes apply to regional compile only; the full UNet compiles per size"]

@@ -40,6 +40,7 @@ class AccelReport:
     temporal_conv2d: bool = False
     temporal_attention: str = "sdpa"
     fp8_feedforward: bool = False
+    dynamic_sizes: bool = False
     cache_dir: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -79,16 +80,22 @@ class GuardedDenoiser:
         self.failed = False
         self.seen_shapes: set[tuple[int, ...]] = set()
 
+    def _key(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+        # With dynamic sizes, height and width (the last two of batch, channels, frames, height, width)
+        # are symbols in the compiled code: only the other dimensions make a new compile.
+        shape = tuple(sample_shape)
+        return shape[:-2] if self.report.dynamic_sizes else shape
+
     def will_compile(self, sample_shape: tuple[int, ...]) -> bool:
         """True when the next call with this latent shape compiles first (one to two minutes on an H100)."""
-        return not self.failed and self.report.compile != "off" and tuple(sample_shape) not in self.seen_shapes
+        return not self.failed and self.report.compile != "off" and self._key(sample_shape) not in self.seen_shapes
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.failed:
             return self.eager(*args)
         try:
             out = self.compiled(*args)
-            self.seen_shapes.add(tuple(args[0].shape))
+            self.seen_shapes.add(self._key(tuple(args[0].shape)))
             return out
         except Exception as exc:
             if is_out_of_memory(exc):
@@ -102,6 +109,7 @@ class GuardedDenoiser:
             self.report.temporal_conv2d = False
             self.report.temporal_attention = "sdpa"
             self.report.fp8_feedforward = False
+            self.report.dynamic_sizes = False
             log.warning(note)
             return self.eager(*args)
 
@@ -168,14 +176,16 @@ class CudaGraphRunner:
 
 def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal_conv2d: bool = False,
                 temporal_attention: str = "sdpa", fp8_feedforward: bool = False, regions: str = "layers",
-                cache_dir: Path | None = None,
+                dynamic_sizes: bool = False, cache_dir: Path | None = None,
                 compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
     """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
 
     `scope` is off, regional or full; `regions` picks what regional compile wraps (REGION_SETS);
     `temporal_conv2d` and `temporal_attention` are exact rewrites (app.engine.rewrites), used with
     compile; `fp8_feedforward` runs the feed-forward matmuls in FP8 (app.engine.fp8), with compile and
-    where the device supports it; `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not.
+    where the device supports it; `dynamic_sizes` compiles the regions with height and width as symbols,
+    so one compile serves every resolution (regional only); `cuda_graphs` replays each UNet call as a
+    CUDA graph, compiled or not.
     Only CUDA gets changed unless `force` (the CPU tests use it, with a fake `compiler`).
     """
     report = AccelReport()
@@ -218,11 +228,15 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     eager = sampler._unet_forward
     compiled: Callable[..., torch.Tensor] = eager
     patched: list[torch.nn.Module] = []
+    hooks: list[Any] = []
 
     def restore() -> None:
         for module in patched:
             module.__dict__.pop("forward", None)
         patched.clear()
+        for hook in hooks:
+            hook.remove()
+        hooks.clear()
 
     undo.append(restore)
     if scope != "off":
@@ -247,9 +261,15 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                     dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit,
                                                           16 * REGIONAL_RECOMPILE_LIMIT)
                 for module in _outermost(unet, REGION_SETS[regions]):
-                    module.forward = compiler(module.forward, fullgraph=True, dynamic=False)
+                    # dynamic=None, not True: only the dimensions marked by the hook become symbols.
+                    module.forward = compiler(module.forward, fullgraph=True, dynamic=None if dynamic_sizes else False)
                     patched.append(module)
+                    if dynamic_sizes:
+                        hooks.append(module.register_forward_pre_hook(_mark_spatial_dynamic, with_kwargs=True))
+                report.dynamic_sizes = dynamic_sizes
             elif scope == "full":
+                if dynamic_sizes:
+                    report.notes.append("dynamic sizes apply to regional compile only; the full UNet compiles per size")
                 compiled = compiler(eager, fullgraph=True, dynamic=False)
             else:
                 raise ValueError(f"unknown compile scope {scope!r}")
@@ -275,6 +295,15 @@ def remove_accel(sampler: Any) -> None:
     getattr(sampler, "undo_accel", lambda: None)()
     sampler.undo_accel = lambda: None
     sampler.denoise_fn = sampler._unet_forward
+
+
+def _mark_spatial_dynamic(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a compile region: its hidden states (batch x frames, channels, height, width)
+    get symbolic height and width, so Dynamo compiles one graph for every resolution."""
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        torch._dynamo.mark_dynamic(x, 2)
+        torch._dynamo.mark_dynamic(x, 3)
 
 
 def _outermost(root: torch.nn.Module, class_names: tuple[str, ...]) -> list[torch.nn.Module]:

@@ -71,6 +71,7 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
     cached = cache is not None and (cache / "inductor").is_dir() and any((cache / "inductor").iterdir())
     report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs, temporal_conv2d=accel.temporal_conv2d,
                          temporal_attention=accel.temporal_attention, fp8_feedforward=accel.fp8_feedforward,
+                         dynamic_sizes=accel.dynamic_sizes,
                          regions=accel.regions, cache_dir=cache)
     warmup_s = None
     if report.compile != "off" and accel.warmup:
