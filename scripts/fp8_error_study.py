@@ -1,4 +1,4 @@
-"""How much frame error would FP8 (e4m3) linear layers add? Runs on a CPU, no GPU needed.
+"""How much frame error would FP8 (e4m3) linear or convolution layers add? Runs on a CPU, no GPU needed.
 
 Issue 5 allows FP8 GEMMs only if the frames stay within a relative error of 5e-3 of the fp32
 reference. An H100's FP8 GEMM with a scale per row of the activations and per output channel of the
@@ -10,9 +10,15 @@ It builds the full-size architecture with random weights (as scripts/benchmark.p
 the same small video three times on the CPU, and prints the relative errors as JSON:
 fp32 (the reference), fp16, and fp16 with every nn.Linear of the UNet (or those named with --only) in emulated FP8.
 
+With `--kind conv` the UNet's convolutions (Conv2d and the temporal Conv3d) are emulated instead, the
+way an FP8 convolution on Hopper (cuDNN) scales them: one scale for the whole input tensor, one per
+output channel of the weight. Convolutions whose channel counts are not multiples of 16 (conv_in,
+conv_out, the 4-channel image-latent encoder) stay fp16, as they would on the GPU.
+
     python scripts/fp8_error_study.py --res 64 --frames 4 --steps 3    # about 7 minutes on 2 cores
     python scripts/fp8_error_study.py --steps 10 --only ff.            # the feed-forward linears only
     python scripts/fp8_error_study.py --steps 10 --app                 # the app's accel.fp8_feedforward
+    python scripts/fp8_error_study.py --steps 10 --kind conv           # the convolutions instead
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 E4M3_MAX = 448.0
 
 
-def fp8_round(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """t rounded to e4m3 with one scale per slice along `dim` (its amax maps to 448), back in t's dtype."""
+def fp8_round(t: torch.Tensor, dim: int | tuple[int, ...] | None) -> torch.Tensor:
+    """t rounded to e4m3 with one scale per slice along `dim` (its amax maps to 448), back in t's dtype.
+    `dim=None`: one scale for the whole tensor."""
     t32 = t.float()
-    scale = t32.abs().amax(dim=dim, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    amax = t32.abs().amax() if dim is None else t32.abs().amax(dim=dim, keepdim=True)
+    scale = amax.clamp(min=1e-12) / E4M3_MAX
     return ((t32 / scale).to(torch.float8_e4m3fn).float() * scale).to(t.dtype)
 
 
@@ -50,13 +58,34 @@ class EmulatedFP8Linear(torch.nn.Module):
         return torch.nn.functional.linear(fp8_round(x, -1), self.weight, self.bias)
 
 
-def swap_linears(root: torch.nn.Module, only: str = "") -> int:
-    """Put EmulatedFP8Linear in place of every nn.Linear whose qualified name contains `only`."""
-    chosen = [name for name, m in root.named_modules() if isinstance(m, torch.nn.Linear) and only in name]
+class EmulatedFP8Conv(torch.nn.Module):
+    """Conv2d or Conv3d with its weight rounded per output channel and its whole input on one scale."""
+
+    def __init__(self, conv: torch.nn.Conv2d | torch.nn.Conv3d):
+        super().__init__()
+        self.conv = conv
+        conv.weight.data = fp8_round(conv.weight.data, tuple(range(1, conv.weight.dim())))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(fp8_round(x, None))
+
+
+def fp8_capable_conv(m: torch.nn.Module) -> bool:
+    return (isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) and m.groups == 1
+            and m.in_channels % 16 == 0 and m.out_channels % 16 == 0)
+
+
+def swap_layers(root: torch.nn.Module, only: str = "", kind: str = "linear") -> int:
+    """Put the FP8 emulation in place of every layer of this kind whose qualified name contains `only`."""
+    if kind == "linear":
+        wanted, wrap = (lambda m: isinstance(m, torch.nn.Linear)), EmulatedFP8Linear
+    else:
+        wanted, wrap = fp8_capable_conv, EmulatedFP8Conv
+    chosen = [name for name, m in root.named_modules() if wanted(m) and only in name]
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = root.get_submodule(parent_name)
-        setattr(parent, attr, EmulatedFP8Linear(getattr(parent, attr)))
+        setattr(parent, attr, wrap(getattr(parent, attr)))
     return len(chosen)
 
 
@@ -67,7 +96,8 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--only", default="", help="FP8 only for the UNet linears whose name contains this, e.g. 'ff.'")
+    ap.add_argument("--kind", choices=("linear", "conv"), default="linear", help="which UNet layers get FP8")
+    ap.add_argument("--only", default="", help="FP8 only for the UNet layers whose name contains this, e.g. 'ff.'")
     ap.add_argument("--app", action="store_true",
                     help="instead of the emulation, the app's own FP8 feed-forward (app/engine/fp8.py, torch._scaled_mm)")
     args = ap.parse_args()
@@ -92,12 +122,12 @@ def main() -> None:
         use_fp8_feedforward(ctx.parts["unet"])
         linears, args.only = len(feedforward_linears(ctx.parts["unet"])), "app: fp8_feedforward"
     else:
-        linears = swap_linears(ctx.parts["unet"], args.only)
+        linears = swap_layers(ctx.parts["unet"], args.only, args.kind)
     fp8 = frames(torch.float16)
     print(json.dumps({"res": args.res, "frames": args.frames, "steps": args.steps, "only": args.only,
-                      "fp8_linears": linears,
+                      "kind": "linear" if args.app else args.kind, "fp8_layers": linears,
                       "rel_err_fp16_vs_fp32": benchmark.rel_err(fp16, fp32),
-                      "rel_err_fp8_linears_vs_fp32": benchmark.rel_err(fp8, fp32),
+                      "rel_err_fp8_vs_fp32": benchmark.rel_err(fp8, fp32),
                       "bound": 5e-3}))
 
 
