@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 HISTORY_LIMIT = 24  # videos shown in the history gallery
 STATUS_POLL_S = 2.0  # how often each open page refreshes the status bar
 GPU_QUEUE = "gpu"  # concurrency group of every event that generates
+ERROR_TOAST_S = 10  # seconds the "cancelled" note stays; errors stay until the user closes them
 
 CSS = """
 #status-bar .i2v-status { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
@@ -142,11 +143,14 @@ def _escape(message: str) -> str:
 
 
 def user_error(exc: AppError, lang: str) -> Exception:
-    """An AppError as the gr.Error the user sees: their language, no trace (HTML-escaped)."""
+    """An AppError as the gr.Error the user sees: their language, no trace (HTML-escaped). An error
+    stays on screen until closed (a user who looked away must still learn why nothing was made); the
+    note that a cancel took effect goes away by itself."""
     import gradio as gr
 
-    title = text("cancelled_title" if isinstance(exc, CancelledError) else "error_title", lang)
-    return gr.Error(_escape(exc.message(lang)), title=title, print_exception=False)
+    cancelled = isinstance(exc, CancelledError)
+    return gr.Error(_escape(exc.message(lang)), title=text("cancelled_title" if cancelled else "error_title", lang),
+                    duration=ERROR_TOAST_S if cancelled else None, print_exception=False)
 
 
 def _history_items(service: GenerationService) -> tuple[list[tuple[str, str]], list[str]]:
@@ -391,7 +395,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             except Exception as exc:  # the trace goes to the log, never to the page
                 log.exception("generate failed")
                 raise gr.Error(_escape(text("unexpected", lang, kind=type(exc).__name__, logs=logs_dir)),
-                               title=text("error_title", lang), print_exception=False) from None
+                               title=text("error_title", lang), duration=None, print_exception=False) from None
             finally:
                 jobs.close(session, cancel)
             notes = [w.text(lang) for w in result.warnings]

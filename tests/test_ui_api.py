@@ -450,3 +450,18 @@ def test_status_bar_shows_gpu_vram_demo_and_why_a_model_is_missing():
     assert "Model missing" in render_status(missing, "en")
     assert "Run `python -m app download` &lt;first&gt;." in render_status(missing, "en")
     assert "未找到模型" in render_status(missing, "zh") and "请先下载模型" in render_status(missing, "zh")
+
+
+def test_an_error_stays_on_screen_until_closed_and_a_cancel_note_goes_away():
+    from app.errors import CancelledError, InputError
+    from app.ui import ERROR_TOAST_S, user_error
+    from app.ui_strings import text
+
+    error = user_error(InputError("Please upload an input image.", "请上传输入图片。"), "zh")
+    assert error.duration is None
+    assert error.message == "请上传输入图片。"
+    assert error.title == text("error_title", "zh")
+    note = user_error(CancelledError(), "en")
+    assert note.duration == ERROR_TOAST_S
+    assert note.title == text("cancelled_title", "en")
+    assert "no video was written" in note.message
