@@ -67,6 +67,14 @@ def build_full_size(device: torch.device, dtype: torch.dtype) -> dict:
             for p in module.parameters():
                 if p.dim() >= 2:
                     p.mul_(0.5)
+        # diffusers starts each temporal conv layer's last conv at zero (the layer is then an identity);
+        # a trained checkpoint's is not, so give it the spread of the conv before it. Otherwise the
+        # temporal convolutions' arithmetic would never reach the frames, and no error study would see it.
+        for layer in unet.modules():
+            if type(layer).__name__ == "TemporalConvLayer":
+                last, before = layer.conv4[-1], layer.conv3[-1]
+                last.weight.normal_(0.0, float(before.weight.std()))
+        for module in (unet, vae, text, image):
             module.to(dtype).eval().requires_grad_(False)
     # The real tokenizer's vocab can't be downloaded; our small byte-level vocab gives valid ids < 49408.
     vocab, merges = tiny_vocab()
