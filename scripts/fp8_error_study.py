@@ -81,7 +81,9 @@ def swap_layers(root: torch.nn.Module, only: str = "", kind: str = "linear") -> 
         wanted, wrap = (lambda m: isinstance(m, torch.nn.Linear)), EmulatedFP8Linear
     else:
         wanted, wrap = fp8_capable_conv, EmulatedFP8Conv
-    chosen = [name for name, m in root.named_modules() if wanted(m) and only in name]
+    done = [name for name, m in root.named_modules() if isinstance(m, EmulatedFP8Conv)]
+    chosen = [name for name, m in root.named_modules() if wanted(m) and only in name
+              and not any(name.startswith(d + ".") for d in done)]  # not the conv inside an emulated one
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = root.get_submodule(parent_name)
