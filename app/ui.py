@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 HISTORY_LIMIT = 24  # videos shown in the history gallery
 STATUS_POLL_S = 2.0  # how often each open page refreshes the status bar
 GPU_QUEUE = "gpu"  # concurrency group of every event that generates
-ERROR_TOAST_S = 10  # seconds the "cancelled" note stays; errors stay until the user closes them
+CANCEL_NOTE_S = 10  # seconds the "cancelled" note stays; errors stay until the user closes them
 
 CSS = """
 #status-bar .i2v-status { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
@@ -150,7 +150,13 @@ def user_error(exc: AppError, lang: str) -> Exception:
 
     cancelled = isinstance(exc, CancelledError)
     return gr.Error(_escape(exc.message(lang)), title=text("cancelled_title" if cancelled else "error_title", lang),
-                    duration=ERROR_TOAST_S if cancelled else None, print_exception=False)
+                    duration=CANCEL_NOTE_S if cancelled else None, print_exception=False)
+
+
+def unexpected_error(exc: Exception, lang: str, logs_dir: Path) -> Exception:
+    """A failure nobody foresaw, as the same kind of error: its type and where the log is, never the trace."""
+    kind = type(exc).__name__
+    return user_error(AppError(*(text("unexpected", la, kind=kind, logs=logs_dir) for la in ("en", "zh"))), lang)
 
 
 def _history_items(service: GenerationService) -> tuple[list[tuple[str, str]], list[str]]:
@@ -394,8 +400,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
                 raise user_error(exc, lang) from None
             except Exception as exc:  # the trace goes to the log, never to the page
                 log.exception("generate failed")
-                raise gr.Error(_escape(text("unexpected", lang, kind=type(exc).__name__, logs=logs_dir)),
-                               title=text("error_title", lang), duration=None, print_exception=False) from None
+                raise unexpected_error(exc, lang, logs_dir) from None
             finally:
                 jobs.close(session, cancel)
             notes = [w.text(lang) for w in result.warnings]

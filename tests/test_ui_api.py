@@ -454,7 +454,7 @@ def test_status_bar_shows_gpu_vram_demo_and_why_a_model_is_missing():
 
 def test_an_error_stays_on_screen_until_closed_and_a_cancel_note_goes_away():
     from app.errors import CancelledError, InputError
-    from app.ui import ERROR_TOAST_S, user_error
+    from app.ui import CANCEL_NOTE_S, unexpected_error, user_error
     from app.ui_strings import text
 
     error = user_error(InputError("Please upload an input image.", "请上传输入图片。"), "zh")
@@ -462,6 +462,9 @@ def test_an_error_stays_on_screen_until_closed_and_a_cancel_note_goes_away():
     assert error.message == "请上传输入图片。"
     assert error.title == text("error_title", "zh")
     note = user_error(CancelledError(), "en")
-    assert note.duration == ERROR_TOAST_S
+    assert note.duration == CANCEL_NOTE_S
     assert note.title == text("cancelled_title", "en")
     assert "no video was written" in note.message
+    crash = unexpected_error(KeyError("x"), "zh", "/srv/i2v/logs")
+    assert crash.duration is None and crash.title == text("error_title", "zh")
+    assert crash.message == text("unexpected", "zh", kind="KeyError", logs="/srv/i2v/logs")
