@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,15 +64,18 @@ class EmulatedFP8Conv(torch.nn.Module):
 
     def __init__(self, conv: torch.nn.Conv2d | torch.nn.Conv3d):
         super().__init__()
-        self.conv = conv
-        conv.weight.data = fp8_round(conv.weight.data, tuple(range(1, conv.weight.dim())))
+        dims = tuple(range(1, conv.weight.dim()))
+        self.weight = torch.nn.Parameter(fp8_round(conv.weight.data, dims), requires_grad=False)
+        self.bias = conv.bias
+        self.conv = F.conv3d if isinstance(conv, torch.nn.Conv3d) else F.conv2d
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(fp8_round(x, None))
+        return self.conv(fp8_round(x, None), self.weight, self.bias, self.stride, self.padding, self.dilation)
 
 
 def fp8_capable_conv(m: torch.nn.Module) -> bool:
-    return (isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) and m.groups == 1
+    return (isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) and m.groups == 1 and m.padding_mode == "zeros"
             and m.in_channels % 16 == 0 and m.out_channels % 16 == 0)
 
 
@@ -81,9 +85,7 @@ def swap_layers(root: torch.nn.Module, only: str = "", kind: str = "linear") -> 
         wanted, wrap = (lambda m: isinstance(m, torch.nn.Linear)), EmulatedFP8Linear
     else:
         wanted, wrap = fp8_capable_conv, EmulatedFP8Conv
-    done = [name for name, m in root.named_modules() if isinstance(m, EmulatedFP8Conv)]
-    chosen = [name for name, m in root.named_modules() if wanted(m) and only in name
-              and not any(name.startswith(d + ".") for d in done)]  # not the conv inside an emulated one
+    chosen = [name for name, m in root.named_modules() if wanted(m) and only in name]
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = root.get_submodule(parent_name)

@@ -49,10 +49,11 @@ def test_emulated_conv_rounds_the_input_per_tensor_and_the_weight_per_output_cha
         got = emulated(x)
         dims = tuple(range(1, weight.dim()))
         w_scale = weight.abs().amax(dim=dims, keepdim=True) / study.E4M3_MAX
-        assert _on_e4m3_grid(conv.weight.detach(), w_scale)
+        assert torch.equal(conv.weight.detach(), weight)  # the layer it replaces is left as it was
+        assert _on_e4m3_grid(emulated.weight.detach(), w_scale)
         xq = study.fp8_round(x, None)
         fn = F.conv3d if isinstance(conv, torch.nn.Conv3d) else F.conv2d
-        expected = fn(xq, conv.weight, conv.bias, padding=conv.padding)
+        expected = fn(xq, emulated.weight, conv.bias, padding=conv.padding)
         assert torch.allclose(got, expected, atol=1e-6)
         assert 1e-3 < rel(got, exact) < 0.1  # an approximation, and a close one
 
@@ -68,7 +69,7 @@ def test_only_convolutions_cudnn_fp8_takes_are_swapped():
     assert study.swap_layers(net, "temp", "conv") == 1
     assert isinstance(net.temp_conv, study.EmulatedFP8Conv)
     assert isinstance(net.resnet_conv, torch.nn.Conv2d)
-    assert study.swap_layers(net, "", "conv") == 1  # resnet_conv, not the conv inside the emulated temp_conv
+    assert study.swap_layers(net, "", "conv") == 1  # resnet_conv; the emulated temp_conv is no Conv3d
     assert isinstance(net.resnet_conv, study.EmulatedFP8Conv)
     for name in ("conv_in", "grouped", "conv_out"):
         assert type(getattr(net, name)) is torch.nn.Conv2d, name
