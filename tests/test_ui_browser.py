@@ -135,7 +135,12 @@ def _wait_idle(service, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_generate_shows_progress_and_plays_a_video_of_frames_over_fps(ui, browser):
+def test_generate_shows_progress_and_plays_a_video_of_frames_over_fps(ui, browser, monkeypatch):
+    # Gradio sends only the latest progress every 10 ms, and the tiny model decodes at once: the last
+    # step's "Step 6/6" could be overwritten by the decode's before it was sent. Hold it a moment.
+    sampler = ui.service.engine.sampler
+    decode = sampler.decode
+    monkeypatch.setattr(sampler, "decode", lambda *a, **kw: (time.sleep(0.5), decode(*a, **kw))[1])
     page = _open(browser, ui.url)
     status = page.locator("#status-bar")
     sync_api.expect(status).to_contain_text("Model ready")
