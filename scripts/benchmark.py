@@ -42,8 +42,13 @@ DENSE_TFLOPS = 790.0  # measured fp16 dense GEMM rate of an H100 (PERF.md)
 
 # Model -----------------------------------------------------------------------------------------
 
-def build_full_size(device: torch.device, dtype: torch.dtype) -> dict:
-    """Every component at the real architecture's size, random weights scaled so fp16 stays finite."""
+def build_full_size(device: torch.device, dtype: torch.dtype, temporal_convs: str = "live") -> dict:
+    """Every component at the real architecture's size, random weights scaled so fp16 stays finite.
+
+    `temporal_convs`: "live" gives the last conv of each temporal conv layer random weights, so their
+    arithmetic reaches the frames; "zero" keeps diffusers' zero init (each such layer an identity), which
+    is PERF.md's recipe, the model the issue's 5e-3 error bound and the earlier error numbers were set on.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -70,7 +75,7 @@ def build_full_size(device: torch.device, dtype: torch.dtype) -> dict:
         # diffusers starts each temporal conv layer's last conv at zero (the layer is then an identity);
         # a trained checkpoint's is not, so give it the spread of the conv before it. Otherwise the
         # temporal convolutions' arithmetic would never reach the frames, and no error study would see it.
-        for layer in unet.modules():
+        for layer in unet.modules() if temporal_convs == "live" else ():
             if type(layer).__name__ == "TemporalConvLayer":
                 last, before = layer.conv4[-1], layer.conv3[-1]
                 last.weight.normal_(0.0, float(before.weight.std()))
@@ -157,7 +162,10 @@ class Ctx:
     def parts(self):
         if self._parts is None:
             t = time.perf_counter()
-            self._parts = (build_tiny if self.args.tiny else build_full_size)(self.device, self.dtype)
+            if self.args.tiny:
+                self._parts = build_tiny(self.device, self.dtype)
+            else:
+                self._parts = build_full_size(self.device, self.dtype, getattr(self.args, "temporal_convs", "live"))
             sync(self.device)
             print(f"built model in {time.perf_counter() - t:.1f} s", flush=True)
         return self._parts
@@ -195,7 +203,9 @@ class Ctx:
 
     def save(self, name, data):
         data = {"part": name, "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), **data}
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+                "model": "tiny" if self.args.tiny else f"full size, temporal convs {getattr(self.args, 'temporal_convs', 'live')}",
+                **data}
         (self.out / f"{name}.json").write_text(json.dumps(data, indent=2))
         print(f"== {name}: {json.dumps(data)[:600]}", flush=True)
 
@@ -259,8 +269,11 @@ def part_ref(ctx, res, frames):
     shared = ctx.shared_inputs(req)
     stats, ref = run_reference(ctx, req, shared, ctx.args.runs)
     torch.save(ref.cpu(), ctx.out / f"ref{res}.pt")
+    # Run fp32ref first and this says how far diffusers' own fp16 pipeline is from fp32: the yardstick
+    # for our engine's error on the same random model.
+    errs = {k: v for k, v in _errors(ctx, res, ref).items() if k != f"rel_err_vs_ref{res}"}
     ctx.save(f"ref{res}", {"what": "diffusers I2VGenXLPipeline fp16 eager, decode_chunk_size 1", "res": res,
-                           "frames": frames, "steps": req.steps, **stats})
+                           "frames": frames, "steps": req.steps, **stats, **errs})
 
 
 def part_fp32ref(ctx, res, frames):
@@ -386,7 +399,18 @@ def part_unetcall(ctx, res, frames):
     args = unet_inputs(ctx, res, frames)
     calls = 3 if ctx.args.tiny else 10
     ref = s._unet_forward(*args).float()
-    rows = {}
+    rows = {"eager_fp16": {"rel_err_vs_fp32": None}}
+    if not ctx.args.tiny:  # one call in fp32, TF32 off: how far fp16 itself is, per call, on this model
+        unet = s.c.unet
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        unet.float()
+        ref32 = s._unet_forward(*[a.float() if a.is_floating_point() else a for a in args]).float()
+        unet.to(ctx.dtype)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        rows["eager_fp16"]["rel_err_vs_fp32"] = rel_err(ref, ref32)
+    else:
+        ref32 = None
     for variant in [v for v in ctx.args.variants.split(",") if v]:
         torch._dynamo.reset()
         report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
@@ -407,6 +431,7 @@ def part_unetcall(ctx, res, frames):
             ms = (time.perf_counter() - t) / calls * 1e3
             row = {"first_call_s": first_s, "ms_per_call": ms, "peak_gib": peak(ctx.device),
                    "rel_err_vs_eager": rel_err(out.float(), ref), "first_rel_err_vs_eager": rel_err(first, ref),
+                   "rel_err_vs_fp32": None if ref32 is None else rel_err(out.float(), ref32),
                    "report": asdict(report)}
             if "+prof" in variant:
                 row["profile"] = kernel_profile(ctx, lambda: fn(*args), 3, ms)
@@ -782,6 +807,8 @@ def main() -> None:
                          "+tmath, +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width) "
                          "(the app's defaults: layers+conv2d+graphs+tmath)")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--temporal-convs", choices=("live", "zero"), default="live",
+                    help="full-size model: random temporal convs (live) or diffusers' zero init, PERF.md's recipe (zero)")
     ap.add_argument("--variants", default="eager,blocks,layers,layers+conv2d+graphs,layers+conv2d+graphs+tmath,"
                                           "layers+conv2d+tmath+prof",
                     help="for the unetcall parts: comma-separated accel variants")
