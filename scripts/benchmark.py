@@ -72,13 +72,8 @@ def build_full_size(device: torch.device, dtype: torch.dtype, temporal_convs: st
             for p in module.parameters():
                 if p.dim() >= 2:
                     p.mul_(0.5)
-        # diffusers starts each temporal conv layer's last conv at zero (the layer is then an identity);
-        # a trained checkpoint's is not, so give it the spread of the conv before it. Otherwise the
-        # temporal convolutions' arithmetic would never reach the frames, and no error study would see it.
-        for layer in unet.modules() if temporal_convs == "live" else ():
-            if type(layer).__name__ == "TemporalConvLayer":
-                last, before = layer.conv4[-1], layer.conv3[-1]
-                last.weight.normal_(0.0, float(before.weight.std()))
+        if temporal_convs == "live":
+            live_temporal_convs(unet)
         for module in (unet, vae, text, image):
             module.to(dtype).eval().requires_grad_(False)
     # The real tokenizer's vocab can't be downloaded; our small byte-level vocab gives valid ids < 49408.
@@ -86,6 +81,24 @@ def build_full_size(device: torch.device, dtype: torch.dtype, temporal_convs: st
     return {"unet": unet, "vae": vae, "text_encoder": text, "image_encoder": image,
             "tokenizer": CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77),
             "feature_extractor": FeatureExtractorConfig(size=224), "scheduler": DDIMScheduler(**SCHEDULER_CONFIG)}
+
+
+def live_temporal_convs(unet: torch.nn.Module) -> int:
+    """diffusers starts each temporal conv layer's last conv at zero (the layer is then an identity); a
+    trained checkpoint's is not. Give it the spread of the conv before it, so the temporal convolutions'
+    arithmetic reaches the frames. Returns how many layers it changed.
+
+    On the full-size model this makes fp16 itself far less accurate: at 512² · 16 frames · 50 steps
+    (H200), diffusers' own fp16 pipeline is 7.7e-2 from fp32 with them live, 1.3e-3 with them at zero.
+    """
+    n = 0
+    with torch.no_grad():
+        for layer in unet.modules():
+            if type(layer).__name__ == "TemporalConvLayer":
+                last, before = layer.conv4[-1], layer.conv3[-1]
+                last.weight.normal_(0.0, float(before.weight.std()))
+                n += 1
+    return n
 
 
 def build_tiny(device, dtype) -> dict:

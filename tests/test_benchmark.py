@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("load", "ref512", "fp32ref512", "compile512", "lowvram", "stability", "sizeswitch")
+# fp32ref512 first: then ref512 also reports diffusers' own error vs fp32, the yardstick for ours.
+PARTS = ("load", "fp32ref512", "ref512", "compile512", "lowvram", "stability", "sizeswitch")
 
 
 def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
@@ -39,6 +40,9 @@ def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
     assert set(ours["stages_s"]) == {"encode", "denoise", "decode"}
     assert ours["rel_err_vs_ref512"] < 1e-5  # diffusers' pipeline and our loop, same weights and inputs
     assert ours["rel_err_vs_fp32ref512"] < 1e-5  # the tiny model runs in fp32
+    assert ours["model"] == "tiny"
+    ref = json.loads((out / "ref512.json").read_text())
+    assert ref["rel_err_vs_fp32ref512"] < 1e-5 and "rel_err_vs_ref512" not in ref
     assert ours["accel"]["compile"] == "off" and ours["accel"]["cuda_graphs"] is False
     notes = " ".join(ours["accel"]["notes"])
     assert "Triton" in notes and "CUDA graph" in notes, notes
@@ -54,3 +58,23 @@ def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
     table = proc.stdout[proc.stdout.rindex("GPU: cpu"):]
     for row in ("compile512", "ref512", "lowvram", "load:", "stability:"):
         assert row in table, table
+
+
+def test_live_temporal_convs_gives_the_zero_initialised_last_convs_random_weights():
+    """The full-size model's "live" temporal convs (the benchmark's default; "zero" is PERF.md's recipe):
+    each TemporalConvLayer's last conv, which diffusers starts at zero, gets the spread of the one before."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    from app.engine.tiny import build_tiny_components
+
+    unet = build_tiny_components()["unet"]
+    layers = [m for m in unet.modules() if type(m).__name__ == "TemporalConvLayer"]
+    assert layers and all(not layer.conv4[-1].weight.any() for layer in layers)
+    assert benchmark.live_temporal_convs(unet) == len(layers)
+    for layer in layers:
+        w, before = layer.conv4[-1].weight.detach(), layer.conv3[-1].weight.detach()
+        assert w.any() and abs(float(w.std()) / float(before.std()) - 1) < 0.3
+        assert torch.isfinite(w).all()
