@@ -15,6 +15,7 @@ app's); `--variants` the ones unetcall compares.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -178,7 +179,7 @@ class Ctx:
             if self.args.tiny:
                 self._parts = build_tiny(self.device, self.dtype)
             else:
-                self._parts = build_full_size(self.device, self.dtype, getattr(self.args, "temporal_convs", "live"))
+                self._parts = build_full_size(self.device, self.dtype, self.args.temporal_convs)
             sync(self.device)
             print(f"built model in {time.perf_counter() - t:.1f} s", flush=True)
         return self._parts
@@ -217,7 +218,7 @@ class Ctx:
     def save(self, name, data):
         data = {"part": name, "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
-                "model": "tiny" if self.args.tiny else f"full size, temporal convs {getattr(self.args, 'temporal_convs', 'live')}",
+                "model": "tiny" if self.args.tiny else f"full size, temporal convs {self.args.temporal_convs}",
                 **data}
         (self.out / f"{name}.json").write_text(json.dumps(data, indent=2))
         print(f"== {name}: {json.dumps(data)[:600]}", flush=True)
@@ -289,22 +290,33 @@ def part_ref(ctx, res, frames):
                            "frames": frames, "steps": req.steps, **stats, **errs})
 
 
+@contextlib.contextmanager
+def exact_fp32(*modules: torch.nn.Module):
+    """The accuracy reference's arithmetic: the modules in float32 with TF32 off, put back afterwards."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    dtypes = [next(m.parameters()).dtype for m in modules]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for m in modules:
+        m.float()
+    try:
+        yield
+    finally:
+        for m, dtype in zip(modules, dtypes):
+            m.to(dtype)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def part_fp32ref(ctx, res, frames):
     """Our loop in float32 (equal to diffusers' to 1e-5 on the CPU oracle test): the accuracy reference."""
     req = ctx.request(res, frames)
     shared = ctx.shared_inputs(req)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    for name in ("unet", "vae", "text_encoder", "image_encoder"):
-        ctx.parts[name].float()
-    s = ctx.sampler(dtype=torch.float32)
     pe, ne, noise = shared
-    t = time.perf_counter()
-    frames32, _, _ = s.generate(req, latents=noise, prompt_embeds=pe.float(), negative_prompt_embeds=ne.float())
-    sync(ctx.device)
-    torch.save(frames32.cpu(), ctx.out / f"fp32ref{res}.pt")
-    for name in ("unet", "vae", "text_encoder", "image_encoder"):
-        ctx.parts[name].to(ctx.dtype)
+    with exact_fp32(*(ctx.parts[name] for name in ("unet", "vae", "text_encoder", "image_encoder"))):
+        s = ctx.sampler(dtype=torch.float32)
+        t = time.perf_counter()
+        frames32, _, _ = s.generate(req, latents=noise, prompt_embeds=pe.float(), negative_prompt_embeds=ne.float())
+        sync(ctx.device)
+        torch.save(frames32.cpu(), ctx.out / f"fp32ref{res}.pt")
     ctx.save(f"fp32ref{res}", {"what": "our loop in fp32, TF32 off", "res": res, "s": time.perf_counter() - t})
 
 
@@ -412,18 +424,11 @@ def part_unetcall(ctx, res, frames):
     args = unet_inputs(ctx, res, frames)
     calls = 3 if ctx.args.tiny else 10
     ref = s._unet_forward(*args).float()
-    rows = {"eager_fp16": {"rel_err_vs_fp32": None}}
-    if not ctx.args.tiny:  # one call in fp32, TF32 off: how far fp16 itself is, per call, on this model
-        unet = s.c.unet
-        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        unet.float()
-        ref32 = s._unet_forward(*[a.float() if a.is_floating_point() else a for a in args]).float()
-        unet.to(ctx.dtype)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        rows["eager_fp16"]["rel_err_vs_fp32"] = rel_err(ref, ref32)
-    else:
-        ref32 = None
+    ref32 = None  # one call in fp32: how far fp16 itself is, per call, on this model (the tiny one runs in fp32)
+    if not ctx.args.tiny:
+        with exact_fp32(s.c.unet):
+            ref32 = s._unet_forward(*[a.float() if a.is_floating_point() else a for a in args]).float()
+    rows = {"eager_fp16": {"rel_err_vs_fp32": None if ref32 is None else rel_err(ref, ref32)}}
     for variant in [v for v in ctx.args.variants.split(",") if v]:
         torch._dynamo.reset()
         report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)

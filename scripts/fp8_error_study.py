@@ -105,7 +105,8 @@ def main() -> None:
     ap.add_argument("--app", action="store_true",
                     help="instead of the emulation, the app's own FP8 feed-forward (app/engine/fp8.py, torch._scaled_mm)")
     args = ap.parse_args()
-    ctx = benchmark.Ctx(argparse.Namespace(tiny=False, out="/tmp/fp8-error-study", steps=args.steps))
+    ctx = benchmark.Ctx(argparse.Namespace(tiny=False, out="/tmp/fp8-error-study", steps=args.steps,
+                                          temporal_convs="live"))
     ctx.device, ctx.dtype = torch.device("cpu"), torch.float32  # full size, but on the CPU in fp32
     req = ctx.request(args.res, args.frames, args.steps)
     noise = ctx.shared_inputs(req)[2]

@@ -78,3 +78,21 @@ def test_live_temporal_convs_gives_the_zero_initialised_last_convs_random_weight
         w, before = layer.conv4[-1].weight.detach(), layer.conv3[-1].weight.detach()
         assert w.any() and abs(float(w.std()) / float(before.std()) - 1) < 0.3
         assert torch.isfinite(w).all()
+
+
+def test_exact_fp32_runs_in_float32_without_tf32_and_puts_everything_back():
+    import pytest
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    conv, lin = torch.nn.Conv2d(2, 2, 1).half(), torch.nn.Linear(2, 2).to(torch.bfloat16)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError, match="inside"):
+        with benchmark.exact_fp32(conv, lin):
+            assert conv.weight.dtype == lin.weight.dtype == torch.float32
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            raise RuntimeError("inside")
+    assert (conv.weight.dtype, lin.weight.dtype) == (torch.float16, torch.bfloat16)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
