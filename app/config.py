@@ -113,6 +113,7 @@ class AccelSettings:
     cuda_graphs: bool = True
     compile_cache: bool = True
     warmup: bool = True
+    compile_helpers: str = field(default="auto", metadata=_choice("auto", *map(str, range(9))))
 
 
 def _default_presets() -> dict[str, Preset]:

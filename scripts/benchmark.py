@@ -613,24 +613,29 @@ def part_load(ctx):
 
 
 def part_coldstart(ctx):
-    """A fresh process: load the saved model, compile, first 512p result. Twice: empty cache, then kept cache."""
+    """A fresh process: load the saved model, compile, first 512p result. Twice: empty cache, then kept cache;
+    for each count of compile helpers in --coldstart-helpers (0: none, as before; auto: the app's default)."""
     folder = saved_model(ctx)
     results = {}
     # The same cache the in-process parts use, emptied first: later parts then start warm, as a
     # restarted app does.
     cache = ctx.out / "compile-cache"
-    shutil.rmtree(cache, ignore_errors=True)
-    for label in ("empty_cache", "kept_cache"):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-               "TRITON_CACHE_DIR": str(cache / "triton")}
-        t = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--first-result", str(folder), "--steps", str(ctx.args.steps),
-                              "--accel", ctx.args.accel]
-                             + (["--tiny"] if ctx.args.tiny else []), env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        inner = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-2000:]}
-        results[label] = {"wall_s": wall, **inner}
-    ctx.save("coldstart", results)
+    for helpers in [h for h in ctx.args.coldstart_helpers.split(",") if h]:
+        shutil.rmtree(cache, ignore_errors=True)
+        for label in ("empty_cache", "kept_cache"):
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+                   "TRITON_CACHE_DIR": str(cache / "triton"), "TORCH_LOGS": "recompiles"}
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--first-result", str(folder), "--steps",
+                                  str(ctx.args.steps), "--accel", ctx.args.accel, "--helpers", helpers]
+                                 + (["--tiny"] if ctx.args.tiny else []), env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            inner = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
+                     else {"error": out.stderr[-2000:]})
+            # Dynamo's recompile reasons (TORCH_LOGS=recompiles): why a region compiled again for a call it had seen
+            inner["recompiles"] = [line[-600:] for line in out.stderr.splitlines() if "ecompil" in line][:40]
+            results[label if helpers == "0" else f"{label}_helpers_{helpers}"] = {"wall_s": wall, **inner}
+            ctx.save("coldstart", results)
 
 
 def part_sizeswitch(ctx):
@@ -701,8 +706,9 @@ def app_start() -> None:
                       "accel": asdict(engine.accel), "cache_env": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}))
 
 
-def first_result(folder: Path, steps: int, tiny: bool, variant: str) -> None:
-    """Child process of `coldstart`: what a user waits for after launching the app, stage by stage."""
+def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: str = "0") -> None:
+    """Child process of `coldstart`: what a user waits for after launching the app, stage by stage. With
+    `helpers` (a count or auto), compile helpers start first and run while the weights are read, as in the app."""
     t0 = time.perf_counter()
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.float16
@@ -716,35 +722,58 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str) -> None:
 
     from app.engine.accel import REGION_SETS, apply_accel
     from app.engine.components import load_components
+    from app.engine.precompile import PrecompileJob, RegionRecorder, begin_helpers, mark_done, meta_unet, record_region_calls
     from app.engine.sampler import I2VGenXLSampler, SampleRequest
 
     t = mark("import_app_s", t0)
     if device.type == "cuda":
         torch.zeros(1, device=device)
     t = mark("cuda_init_s", t)
+    kwargs = variant_kwargs(variant)
+    res, frames = (64, 4) if tiny else (512, 16)
+    job = PrecompileJob(model_dir=str(folder), device=str(device), dtype=str(dtype).removeprefix("torch."),
+                        regions=kwargs["regions"], temporal_conv2d=kwargs["temporal_conv2d"],
+                        temporal_attention=kwargs["temporal_attention"], dynamic_sizes=kwargs["dynamic_sizes"],
+                        height=res, width=res, num_frames=frames, cfg=True)
+    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", folder / "compile-cache" / "inductor")).parent
+    running = begin_helpers(job, helpers, cache) if helpers != "0" and kwargs["scope"] == "regional" else None
+    t = mark("start_helpers_s", t)
     c = load_components(folder, dtype=dtype, variant="fp16")
     t = mark("read_weights_s", t)
     s = I2VGenXLSampler(c, device, dtype)
     s.place()
     t = mark("to_device_s", t)
     t_load = t - t0
-    kwargs = variant_kwargs(variant)
     apply_accel(s, **kwargs, force=tiny)
+    t = time.perf_counter()
+    helpers_done = running.wait() if running is not None else None
+    t_wait = time.perf_counter() - t
     regions = RegionTimer(s.c.unet, REGION_SETS[kwargs["regions"]], device)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8))
-    res, frames = (64, 4) if tiny else (512, 16)
     req = SampleRequest(image=img, prompt="a cat", negative_prompt="", height=res, width=res, num_frames=frames,
                         fps=8, steps=2, guidance_scale=9.0, seed=0)
     t = time.perf_counter()
-    warm = s(req)
+    with RegionRecorder(s.c.unet, kwargs["regions"]) as seen:
+        warm = s(req)
     t_warm = time.perf_counter() - t
+    t_ready = time.perf_counter() - t0
     regions.stop()
+    if helpers != "0":
+        mark_done(cache, job, t_warm)
     req = SampleRequest(**{**req.__dict__, "steps": steps})
     t = time.perf_counter()
     s(req)
     from torch._dynamo.utils import compile_times, counters
 
-    print(json.dumps({"load_s": t_load, "load_stages_s": marks, "compile_warmup_s": t_warm,
+    # The region calls the helpers' meta-device plan did not foresee: each one is compiled by this process.
+    planned = {c.signature() for c in record_region_calls(meta_unet(job), job)}
+    unplanned = [{"region": c.path, "call": sig[:3000]} for sig, c in seen.calls.items() if sig not in planned]
+
+    print(json.dumps({"load_s": t_load, "load_stages_s": marks, "helpers": helpers_done, "helpers_wait_s": t_wait,
+                      "region_calls": len(seen.calls), "unplanned_region_calls": unplanned,
+                      "ready_s": t_ready,
+                      # what the user waits for beyond reading the weights: the helpers' tail, then the warm-up
+                      "ready_after_load_s": t_wait + t_warm, "compile_warmup_s": t_warm,
                       "warmup_stages_s": warm.timings_s, "regions_warmup_calls": regions.table,
                       "dynamo_compile_times": compile_times(repr="str", aggregate=True),
                       "counters": {k: dict(v) for k, v in counters.items()},
@@ -832,11 +861,15 @@ def main() -> None:
                     help="for the unetcall parts: comma-separated accel variants")
     ap.add_argument("--model-dir")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--coldstart-helpers", default="0",
+                    help="coldstart: comma-separated compile-helper counts to start with (0: none; auto: the app's "
+                         "default), each from an empty and then a kept cache")
+    ap.add_argument("--helpers", default="0", help=argparse.SUPPRESS)
     ap.add_argument("--first-result")
     ap.add_argument("--app-start", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.first_result:
-        first_result(Path(args.first_result), args.steps, args.tiny, args.accel)
+        first_result(Path(args.first_result), args.steps, args.tiny, args.accel, args.helpers)
         return
     if args.app_start:
         app_start()

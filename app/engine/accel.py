@@ -45,29 +45,46 @@ class AccelReport:
     notes: list[str] = field(default_factory=list)
 
 
-def use_compile_cache(cache_dir: Path) -> None:
-    """Keep Inductor's and Triton's caches under models/, so a restart skips most compile work.
+def compile_cache_env(cache_dir: Path, environ: Any = None) -> dict[str, str]:
+    """The environment variables that keep Inductor's and Triton's caches under `cache_dir`: what
+    `use_compile_cache` sets, and what compile helpers are started with (app.engine.precompile).
 
     A cache folder the user chose (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) wins. But importing
     diffusers already makes torch write its own default (/tmp/torchinductor_<user>) into
     TORCHINDUCTOR_CACHE_DIR, and /tmp is emptied at reboot on many systems and in WSL2: that value is
-    replaced, and torch's memoized cache paths are cleared so they follow.
+    replaced.
     """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    environ = os.environ if environ is None else environ
+    out = {}
+    inductor = environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if inductor is None or _is_torch_default(inductor):
+        out["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+    for key, value in (("TRITON_CACHE_DIR", str(cache_dir / "triton")), ("TORCHINDUCTOR_FX_GRAPH_CACHE", "1"),
+                       ("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")):
+        if key not in environ:
+            out[key] = value
+    return out
 
+
+def _is_torch_default(folder: str) -> bool:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # imports Inductor: only when needed
+
+    return os.path.abspath(folder) == os.path.abspath(default_cache_dir())
+
+
+def use_compile_cache(cache_dir: Path) -> None:
+    """Keep Inductor's and Triton's caches under models/, so a restart skips most compile work
+    (`compile_cache_env`); torch's memoized cache paths are cleared so they follow."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if inductor is None or os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+    env = compile_cache_env(cache_dir)
+    os.environ.update(env)
+    if "TORCHINDUCTOR_CACHE_DIR" in env:
         try:
             from torch._inductor.utils import clear_caches
 
             clear_caches()
         except ImportError:  # older torch: nothing memoized to clear
             pass
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
 class GuardedDenoiser:

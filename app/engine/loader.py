@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from app.config import Settings
 from app.engine import device as gpu
 from app.engine.components import load_components, resolve_model_dir, snapshot_revision
 from app.engine.accel import AccelReport, apply_accel
+from app.engine.precompile import PrecompileJob, begin_helpers, mark_done
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 from app.engine.tiny import TINY_MODEL_ID, ensure_tiny_model
 
@@ -34,6 +36,7 @@ class LoadedEngine:
     offload: bool
     accel: AccelReport = field(default_factory=AccelReport)
     warmup_s: float | None = None  # compile warm-up at start-up; None when there was none
+    helpers: dict | None = None  # what the compile helpers did at start-up (app.engine.precompile); None when none ran
 
 
 # What load_engine is doing, for a status line: reading the weights, or compiling (first time, or with the
@@ -61,25 +64,58 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
         revision = snapshot_revision(model_dir) or settings.model.revision
     offload = gpu.choose_offload(settings.model.low_vram, dev, settings.model.low_vram_threshold_gib)
     log.info("loading %s from %s on %s (%s%s)", source, model_dir, dev, dtype, ", low-VRAM" if offload else "")
-    say("weights")
-    components = load_components(model_dir, dtype=dtype, variant=settings.model.variant, model_id=source,
-                                 revision=revision)
-    sampler = I2VGenXLSampler(components, dev, dtype, offload=offload)
-    sampler.place()
     accel = settings.accel
     cache = settings.path("models") / ".compile-cache" if accel.compile_cache else None
     cached = cache is not None and (cache / "inductor").is_dir() and any((cache / "inductor").iterdir())
-    report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs, temporal_conv2d=accel.temporal_conv2d,
-                         temporal_attention=accel.temporal_attention, fp8_feedforward=accel.fp8_feedforward,
-                         dynamic_sizes=accel.dynamic_sizes,
-                         regions=accel.regions, cache_dir=cache)
-    warmup_s = None
-    if report.compile != "off" and accel.warmup:
-        say("compile_cached" if cached else "compile_first")
-        warmup_s = warmup(sampler, settings)
+    job = precompile_job(settings, model_dir, dev, dtype, offload)
+    helpers = None
+    if job is not None and cache is not None:
+        helpers = begin_helpers(job, accel.compile_helpers, cache)
+    try:
+        say("weights")
+        components = load_components(model_dir, dtype=dtype, variant=settings.model.variant, model_id=source,
+                                     revision=revision)
+        sampler = I2VGenXLSampler(components, dev, dtype, offload=offload)
+        sampler.place()
+        report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs,
+                             temporal_conv2d=accel.temporal_conv2d, temporal_attention=accel.temporal_attention,
+                             fp8_feedforward=accel.fp8_feedforward, dynamic_sizes=accel.dynamic_sizes,
+                             regions=accel.regions, cache_dir=cache)
+        warmup_s = None
+        helpers_done = None
+        if report.compile != "off" and accel.warmup:
+            say("compile_cached" if cached else "compile_first")
+            if helpers is not None:
+                helpers_done = helpers.wait()
+                helpers = None
+                log.info("compile helpers: %d of %d finished in %.1f s", helpers_done["helpers"] - helpers_done["failed"],
+                         helpers_done["helpers"], helpers_done["wall_s"])
+            warmup_s = warmup(sampler, settings)
+            if job is not None and cache is not None and report.compile != "off":
+                # The warm-up compiled (or loaded) every graph of this job: later starts need no helpers.
+                mark_done(cache, job, warmup_s)
+    finally:
+        if helpers is not None:  # loading failed, or nothing is compiled after all: the helpers' work is moot
+            helpers.stop()
     return LoadedEngine(sampler=sampler, model_id=source, revision=revision, demo=demo, device=dev,
                         dtype_name=str(dtype).removeprefix("torch."), offload=offload, accel=report,
-                        warmup_s=warmup_s)
+                        warmup_s=warmup_s, helpers=helpers_done)
+
+
+def precompile_job(settings: Settings, model_dir: Any, dev: torch.device, dtype: torch.dtype,
+                   offload: bool) -> PrecompileJob | None:
+    """What compile helpers would compile at this start, or None where they cannot help: no CUDA, no
+    Triton (native Windows), low-VRAM mode, a compile other than regional, no warm-up, or FP8 feed-forward
+    (its matmuls are patched in with the weights, which the helpers do not have)."""
+    accel, d = settings.accel, settings.defaults
+    if (dev.type != "cuda" or offload or accel.compile != "regional" or not accel.warmup or accel.fp8_feedforward
+            or importlib.util.find_spec("triton") is None):
+        return None
+    return PrecompileJob(model_dir=str(model_dir), device=str(dev), dtype=str(dtype).removeprefix("torch."),
+                         regions=accel.regions, temporal_conv2d=accel.temporal_conv2d,
+                         temporal_attention=accel.temporal_attention, dynamic_sizes=accel.dynamic_sizes,
+                         height=d.resolution, width=d.resolution, num_frames=d.num_frames,
+                         cfg=d.guidance_scale > 1.0)
 
 
 def warmup(sampler: I2VGenXLSampler, settings: Settings) -> float:
