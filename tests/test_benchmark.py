@@ -96,3 +96,21 @@ def test_exact_fp32_runs_in_float32_without_tf32_and_puts_everything_back():
             raise RuntimeError("inside")
     assert (conv.weight.dtype, lin.weight.dtype) == (torch.float16, torch.bfloat16)
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
+def test_benchmark_tiny_coldstart_with_a_compile_helper(tmp_path):
+    """coldstart's fresh processes with one compile helper (on the CPU it plans and runs the regions without
+    compiling): the helper finishes, the app's region calls are all in its plan, and the kept cache is reused."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--out", str(out), "--parts", "coldstart",
+         "--coldstart-helpers", "1", "--steps", "2"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "coldstart.json").read_text())
+    first = result["empty_cache_helpers_1"]
+    assert "error" not in first, first
+    assert first["helpers"]["helpers"] == 1 and first["helpers"]["failed"] == 0, first["helpers"]
+    assert first["helpers"]["results"][0]["distinct_calls"] == first["region_calls"] > 0
+    assert first["unplanned_region_calls"] == []
+    assert first["ready_s"] >= first["load_s"] and "kept_cache_helpers_1" in result

@@ -361,6 +361,7 @@ def begin_helpers(job: PrecompileJob, setting: str, cache_dir: Path) -> Helpers 
 def mark_done(cache_dir: Path, job: PrecompileJob, warmup_s: float) -> None:
     """Record that a warm-up for this job finished, so later starts skip the helpers."""
     try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
         done_marker(cache_dir, job).write_text(json.dumps({"job": asdict(job), "warmup_s": warmup_s}),
                                                encoding="utf-8")
     except OSError as exc:

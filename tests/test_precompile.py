@@ -1,0 +1,253 @@
+"""Compile helpers (app.engine.precompile): the meta-device plan matches the app's own region calls, a helper's
+compile lands in the cache the app then hits, and the loader starts, waits for and skips helpers as it should.
+
+The real compiles run on the CPU (Inductor's C++ backend) on two of the tiny model's regions; no timing is
+asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine import precompile
+from app.engine.accel import apply_accel, remove_accel
+from app.engine.precompile import (
+    PrecompileJob,
+    RegionRecorder,
+    assign,
+    begin_helpers,
+    done_marker,
+    helper_count,
+    mark_done,
+    meta_unet,
+    record_region_calls,
+)
+from app.engine.sampler import SampleRequest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _job(model_dir: Path, **kw) -> PrecompileJob:
+    base = dict(model_dir=str(model_dir), device="cpu", dtype="float32", regions="layers", temporal_conv2d=True,
+                temporal_attention="math", dynamic_sizes=False, height=64, width=64, num_frames=4, cfg=True)
+    return PrecompileJob(**{**base, **kw})
+
+
+def _request(image, res=64, frames=4, steps=1):
+    return SampleRequest(image=image, prompt="a", negative_prompt="", height=res, width=res, num_frames=frames,
+                         fps=8, steps=steps, guidance_scale=9.0, seed=0)
+
+
+@pytest.fixture
+def pil_image(image_rgb):
+    from PIL import Image
+
+    return Image.fromarray(image_rgb)
+
+
+@pytest.mark.parametrize("regions", ["layers", "blocks"])
+def test_the_meta_plan_is_the_apps_region_calls_and_dynamos_graphs(tiny_engine, tiny_model_dir, pil_image, regions):
+    """What the helpers plan on the meta device is what the compiled app calls: the same distinct region calls
+    (shapes, strides, dtypes, arguments), one per graph Dynamo makes."""
+    job = _job(tiny_model_dir, regions=regions)
+    planned = record_region_calls(meta_unet(job), job)
+    assert planned and len({c.signature() for c in planned}) == len(planned)
+
+    graphs: list[int] = []
+
+    def counting(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    s = tiny_engine.sampler
+    apply_accel(s, "regional", regions=regions, temporal_conv2d=True, temporal_attention="math", force=True,
+                compiler=lambda fn, **kw: torch.compile(fn, backend=counting, **kw))
+    try:
+        with RegionRecorder(s.c.unet, regions) as seen:
+            s(_request(pil_image))
+    finally:
+        remove_accel(s)
+        torch._dynamo.reset()
+    assert set(seen.calls) == {c.signature() for c in planned}
+    assert len(graphs) == len(planned)
+
+
+def test_assign_shares_every_call_once_costliest_first():
+    calls = [precompile.RegionCall(f"r{i}", torch.nn.Identity(), (), {}, cost) for i, cost in
+             enumerate([9, 1, 5, 5, 3, 8, 2])]
+    shares = assign(calls, 3)
+    assert sorted(i for share in shares for i in share) == list(range(7))
+    assert [share[0] for share in shares] == [0, 5, 2]  # the three costliest go to different helpers
+    loads = [sum(calls[i].cost for i in share) for share in shares]
+    assert max(loads) - min(loads) <= 2
+
+
+def test_helper_count():
+    assert helper_count("auto", cpus=16, free_ram_gib=100) == 8
+    assert helper_count("auto", cpus=32, free_ram_gib=100) == 8
+    assert helper_count("auto", cpus=8, free_ram_gib=100) == 4
+    assert helper_count("auto", cpus=6, free_ram_gib=100) == 0  # 3 helpers: measured 2 save nothing
+    assert helper_count("auto", cpus=16, free_ram_gib=12) == 4  # 2.5 GiB each
+    assert helper_count("auto", cpus=16, free_ram_gib=9) == 0
+    assert helper_count("auto", cpus=16) == 8
+    assert helper_count("3", cpus=2) == 3 and helper_count("0", cpus=64) == 0
+
+
+_HELPER = """
+import json, sys, torch
+from app.engine.precompile import PrecompileJob, run_helper
+job = PrecompileJob(**json.loads(sys.argv[1]))
+print(json.dumps(run_helper(job, int(sys.argv[2]), int(sys.argv[3]), compiler=torch.compile)))
+"""
+
+_APP = """
+import json, sys, torch
+from PIL import Image
+from app.engine.accel import apply_accel
+from app.engine.components import load_components
+from app.engine.precompile import RegionRecorder
+from app.engine.sampler import I2VGenXLSampler, SampleRequest
+from torch._dynamo.utils import counters
+model, paths = sys.argv[1], set(json.loads(sys.argv[2]))
+from pathlib import Path
+s = I2VGenXLSampler(load_components(Path(model), dtype=torch.float32, variant=""), "cpu", torch.float32)
+s.place()
+# The regions the helper compiled, called with the arguments the app's own UNet call gives them.
+args = {}
+names = {id(m): n for n, m in s.c.unet.named_modules()}
+hooks = [m.register_forward_pre_hook(lambda m, a, k: args.setdefault(names[id(m)], (a, k)), with_kwargs=True)
+         for n, m in s.c.unet.named_modules() if n in paths]
+img = Image.new("RGB", (64, 64), (120, 30, 200))
+s(SampleRequest(image=img, prompt="a", negative_prompt="", height=64, width=64, num_frames=4, fps=8, steps=1,
+                guidance_scale=9.0, seed=0))
+for h in hooks:
+    h.remove()
+apply_accel(s, "regional", regions="layers", temporal_conv2d=True, temporal_attention="math",
+            compiler=torch.compile, force=True)
+modules = dict(s.c.unet.named_modules())
+with torch.no_grad():
+    for path, (a, k) in args.items():
+        modules[path](*a, **k)
+print(json.dumps({k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}))
+"""
+
+
+def test_a_helpers_compile_is_a_cache_hit_for_the_app(tiny_model_dir, tmp_path):
+    """Helper 6 of 7 compiles its share (two regions) with Inductor into a fresh cache; a fresh 'app' process
+    compiling those regions with the weights and inputs of a real UNet call then loads both from the cache."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", "PYTHONPATH": str(REPO),
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    job = json.dumps(precompile.asdict(_job(tiny_model_dir)))
+    helper = subprocess.run([sys.executable, "-c", _HELPER, job, "6", "7"], capture_output=True, text=True,
+                            env=env, cwd=REPO, timeout=300)
+    assert helper.returncode == 0, helper.stderr[-3000:]
+    done = json.loads(helper.stdout.strip().splitlines()[-1])
+    paths = [row["region"] for row in done["compiled"]]
+    assert done["helper"] == 6 and done["distinct_calls"] >= 7 and len(paths) >= 2
+
+    app = subprocess.run([sys.executable, "-c", _APP, str(tiny_model_dir), json.dumps(paths)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=300)
+    assert app.returncode == 0, app.stderr[-3000:]
+    counters = json.loads(app.stdout.strip().splitlines()[-1])
+    assert counters["inductor"].get("fxgraph_cache_hit") == len(paths), counters
+    assert "fxgraph_cache_miss" not in counters["inductor"], counters
+    assert counters["aot_autograd"].get("autograd_cache_hit") == len(paths), counters
+
+
+class FakeHelpers:
+    def __init__(self):
+        self.waited = self.stopped = 0
+
+    def wait(self):
+        self.waited += 1
+        return {"helpers": 2, "failed": 0, "wall_s": 1.0, "results": []}
+
+    def stop(self):
+        self.stopped += 1
+
+
+def test_the_loader_waits_for_helpers_before_the_warm_up_and_records_it(settings, tiny_model_dir, monkeypatch):
+    from app.engine import loader
+    from app.engine.accel import AccelReport
+
+    order: list[str] = []
+    fake = FakeHelpers()
+    job = _job(tiny_model_dir)
+    # On the CPU there are no helpers and nothing compiles: pretend both, so the GPU path runs.
+    monkeypatch.setattr(loader, "precompile_job", lambda *a: job)
+    monkeypatch.setattr(loader, "begin_helpers", lambda j, setting, cache: order.append(f"start {setting}") or fake)
+    monkeypatch.setattr(loader, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
+    monkeypatch.setattr(fake, "wait", lambda: order.append("wait") or FakeHelpers().wait())
+    real_warmup = loader.warmup
+    monkeypatch.setattr(loader, "warmup", lambda sampler, s: order.append("warm-up") or real_warmup(sampler, s))
+    settings.defaults.resolution, settings.defaults.num_frames, settings.defaults.steps = 64, 4, 2
+
+    engine = loader.load_engine(settings, source="tiny")
+    assert order == ["start auto", "wait", "warm-up"]
+    assert engine.helpers["helpers"] == 2 and engine.warmup_s > 0 and fake.stopped == 0
+    marker = done_marker(settings.path("models") / ".compile-cache", job)
+    assert json.loads(marker.read_text())["job"]["height"] == 64
+
+
+def test_the_loader_stops_helpers_when_loading_fails(settings, tiny_model_dir, monkeypatch):
+    from app.engine import loader
+    from app.errors import ModelMissingError
+
+    fake = FakeHelpers()
+    monkeypatch.setattr(loader, "precompile_job", lambda *a: _job(tiny_model_dir))
+    monkeypatch.setattr(loader, "begin_helpers", lambda *a: fake)
+
+    def broken(*a, **k):
+        raise ModelMissingError("weights unreadable", "权重无法读取")
+
+    monkeypatch.setattr(loader, "load_components", broken)
+    with pytest.raises(ModelMissingError, match="weights unreadable"):
+        loader.load_engine(settings, source="tiny")
+    assert fake.stopped == 1 and fake.waited == 0
+
+
+def test_no_helpers_on_the_cpu_or_in_low_vram_mode(settings, tiny_model_dir):
+    from app.engine.loader import precompile_job
+
+    assert precompile_job(settings, tiny_model_dir, torch.device("cpu"), torch.float32, False) is None
+    assert precompile_job(settings, tiny_model_dir, torch.device("cuda"), torch.float16, True) is None
+
+
+def test_begin_helpers_skips_a_warm_cache_and_the_setting_0(tiny_model_dir, tmp_path, monkeypatch):
+    started: list[int] = []
+    monkeypatch.setattr(precompile, "start_helpers", lambda job, count, cache, env: started.append(count) or "h")
+    job = _job(tiny_model_dir)
+    cache = tmp_path / ".compile-cache"
+    assert begin_helpers(job, "4", cache) == "h" and started == [4]
+    env_seen = {}
+    monkeypatch.setattr(precompile, "start_helpers", lambda job, count, cache, env: env_seen.update(env) or None)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    begin_helpers(job, "4", cache)
+    assert env_seen["TORCHINDUCTOR_CACHE_DIR"] == str(cache.resolve() / "inductor")
+
+    # A finished warm-up for this job, with its graphs still in the cache: no helpers.
+    mark_done(cache, job, 12.0)
+    (cache / "inductor" / "fxgraph").mkdir(parents=True)
+    monkeypatch.setattr(precompile, "start_helpers", lambda *a: started.append(-1) or "h")
+    assert begin_helpers(job, "4", cache) is None
+    # Another job (another size) is not covered by that marker.
+    assert begin_helpers(_job(tiny_model_dir, height=128, width=128), "4", cache) == "h"
+    assert started == [4, -1]
+
+
+def test_helpers_report_a_failure_and_never_raise(tiny_model_dir, tmp_path):
+    """A helper that dies (here: a job file naming no model) is reported; the app carries on and compiles."""
+    helpers = precompile.start_helpers(_job(tmp_path / "no-model"), 1, tmp_path / "cache")
+    summary = helpers.wait(timeout_s=120)
+    assert summary["helpers"] == 1 and summary["failed"] == 1
+    assert "exit code 1" in summary["results"][0]["error"]
+    assert "config.json" in summary["results"][0]["error"]
