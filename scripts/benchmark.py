@@ -772,7 +772,7 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: st
     print(json.dumps({"load_s": t_load, "load_stages_s": marks, "helpers": helpers_done, "helpers_wait_s": t_wait,
                       "region_calls": len(seen.calls), "unplanned_region_calls": unplanned,
                       "ready_s": t_ready,
-                      # what the user waits for beyond reading the weights: the helpers' tail, then the warm-up
+                      # the helpers' tail plus the warm-up (ready_s - load_s also counts apply_accel between them)
                       "ready_after_load_s": t_wait + t_warm, "compile_warmup_s": t_warm,
                       "warmup_stages_s": warm.timings_s, "regions_warmup_calls": regions.table,
                       "dynamo_compile_times": compile_times(repr="str", aggregate=True),

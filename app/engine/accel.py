@@ -45,6 +45,11 @@ class AccelReport:
     notes: list[str] = field(default_factory=list)
 
 
+def has_triton() -> bool:
+    """Inductor needs Triton for CUDA kernels; native Windows has none by default (WSL2 and Linux have it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def compile_cache_env(cache_dir: Path, environ: Any = None) -> dict[str, str]:
     """The environment variables that keep Inductor's and Triton's caches under `cache_dir`: what
     `use_compile_cache` sets, and what compile helpers are started with (app.engine.precompile).
@@ -216,7 +221,7 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     undo: list[Callable[[], None]] = []
     sampler.undo_accel = lambda: [u() for u in reversed(undo)]
     unet = sampler.c.unet
-    if scope != "off" and compiler is None and importlib.util.find_spec("triton") is None:
+    if scope != "off" and compiler is None and not has_triton():
         # Native Windows has no Triton by default, and Inductor needs it for CUDA kernels: trying would
         # only fail on the first generation. Say so once and run without compiling.
         note = "compile skipped: Triton is not installed (usual on native Windows; WSL2 and Linux have it)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from PIL import Image
 from app.config import Settings
 from app.engine import device as gpu
 from app.engine.components import load_components, resolve_model_dir, snapshot_revision
-from app.engine.accel import AccelReport, apply_accel
+from app.engine.accel import AccelReport, apply_accel, has_triton
 from app.engine.precompile import PrecompileJob, begin_helpers, mark_done
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 from app.engine.tiny import TINY_MODEL_ID, ensure_tiny_model
@@ -91,8 +90,9 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
                 log.info("compile helpers: %d of %d finished in %.1f s", helpers_done["helpers"] - helpers_done["failed"],
                          helpers_done["helpers"], helpers_done["wall_s"])
             warmup_s = warmup(sampler, settings)
+            # Asked again: a compile failure during the warm-up turns compile off (GuardedDenoiser). Still on,
+            # the warm-up compiled (or loaded) every graph of this job, so later starts need no helpers.
             if job is not None and cache is not None and report.compile != "off":
-                # The warm-up compiled (or loaded) every graph of this job: later starts need no helpers.
                 mark_done(cache, job, warmup_s)
     finally:
         if helpers is not None:  # loading failed, or nothing is compiled after all: the helpers' work is moot
@@ -109,7 +109,7 @@ def precompile_job(settings: Settings, model_dir: Any, dev: torch.device, dtype:
     (its matmuls are patched in with the weights, which the helpers do not have)."""
     accel, d = settings.accel, settings.defaults
     if (dev.type != "cuda" or offload or accel.compile != "regional" or not accel.warmup or accel.fp8_feedforward
-            or importlib.util.find_spec("triton") is None):
+            or not has_triton()):
         return None
     return PrecompileJob(model_dir=str(model_dir), device=str(dev), dtype=str(dtype).removeprefix("torch."),
                          regions=accel.regions, temporal_conv2d=accel.temporal_conv2d,

@@ -30,10 +30,10 @@ import torch
 from torch.utils._pytree import tree_map
 
 from app.engine.accel import REGION_SETS, _outermost, apply_accel, compile_cache_env, remove_accel
+from app.engine.sampler import CLIP_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
-CLIP_TOKENS = 77  # the prompt embedding's length (app.engine.sampler.CLIP_MAX_TOKENS)
 MAX_HELPERS = 8
 HELPER_TIMEOUT_S = 600.0
 
@@ -114,7 +114,7 @@ def unet_inputs(unet: torch.nn.Module, job: PrecompileJob, device: torch.device 
     latent = (batch, unet.config.in_channels, job.num_frames, job.height // factor, job.width // factor)
     dim = unet.config.cross_attention_dim
     return (torch.zeros(latent, dtype=dtype, device=device), torch.zeros((), dtype=torch.long, device=device),
-            torch.zeros(batch, CLIP_TOKENS, dim, dtype=dtype, device=device),
+            torch.zeros(batch, CLIP_MAX_TOKENS, dim, dtype=dtype, device=device),
             torch.zeros(batch, dtype=torch.long, device=device),
             torch.zeros(latent, dtype=dtype, device=device), torch.zeros(batch, 1, dim, dtype=dtype, device=device))
 
