@@ -405,7 +405,8 @@ def variant_kwargs(variant: str) -> dict:
                       "layers": ("regional", "layers"), "full": ("full", "layers"),
                       "spatiallayers": ("regional", "spatiallayers"),
                       "temporallayers": ("regional", "temporallayers")}[scope_name]
-    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "fp8ff", "dyn"}  # prof: read by part_unetcall
+    # prof, cudnnbench, cdt, mat: read by part_unetcall (study_options)
+    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "fp8ff", "dyn", *STUDY_OPTIONS}
     if unknown:
         raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")
     return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
@@ -413,11 +414,36 @@ def variant_kwargs(variant: str) -> dict:
             "dynamic_sizes": "dyn" in opts}
 
 
+# Study only (part_unetcall): kernel tuning that needs no change to the model. cudnnbench times cuDNN's
+# convolution algorithms at the first call of each shape instead of taking its heuristic's pick; cdt has
+# Inductor tune its own kernels' block sizes further (coordinate descent); mat has Inductor time Triton
+# matmul templates (with the neighbouring ops fused in) against cuBLAS for every matmul.
+STUDY_OPTIONS = {"cudnnbench": {}, "cdt": {"coordinate_descent_tuning": True},
+                 "mat": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}
+
+
+@contextlib.contextmanager
+def study_options(variant: str):
+    """The variant's study options (STUDY_OPTIONS) in force, and put back afterwards."""
+    import torch._inductor.config as inductor_config
+
+    opts = set(variant.split("+")[1:]) & set(STUDY_OPTIONS)
+    patch = {k: v for o in sorted(opts) for k, v in STUDY_OPTIONS[o].items()}
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark or "cudnnbench" in opts
+    try:
+        with inductor_config.patch(patch):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
 def part_unetcall(ctx, res, frames):
     """One CFG-batched UNet call under each accel variant (--variants): compile time, ms per call,
     peak memory, relative error vs eager fp16. A variant is a scope (eager, blocks, layers, full) plus
     options: +conv2d (temporal convs as 2-D), +graphs (CUDA graph of the whole call), +tmath (short-sequence
-    temporal attention), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width), +prof (profile it)."""
+    temporal attention), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width), +prof (profile it),
+    and the kernel-tuning studies of STUDY_OPTIONS (+cudnnbench, +cdt, +mat)."""
     from app.engine.accel import apply_accel, remove_accel
 
     s = ctx.base_sampler
@@ -434,25 +460,26 @@ def part_unetcall(ctx, res, frames):
         report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
         fn = s.denoise_fn
         try:
-            peak_reset(ctx.device)
-            t = time.perf_counter()
-            first = fn(*args).float()
-            sync(ctx.device)
-            first_s = time.perf_counter() - t
-            for _ in range(3):  # capture (graphs) and warm-up
-                fn(*args)
-            sync(ctx.device)
-            t = time.perf_counter()
-            for _ in range(calls):
-                out = fn(*args)
-            sync(ctx.device)
-            ms = (time.perf_counter() - t) / calls * 1e3
-            row = {"first_call_s": first_s, "ms_per_call": ms, "peak_gib": peak(ctx.device),
-                   "rel_err_vs_eager": rel_err(out.float(), ref), "first_rel_err_vs_eager": rel_err(first, ref),
-                   "rel_err_vs_fp32": None if ref32 is None else rel_err(out.float(), ref32),
-                   "report": asdict(report)}
-            if "+prof" in variant:
-                row["profile"] = kernel_profile(ctx, lambda: fn(*args), 3, ms)
+            with study_options(variant):
+                peak_reset(ctx.device)
+                t = time.perf_counter()
+                first = fn(*args).float()
+                sync(ctx.device)
+                first_s = time.perf_counter() - t
+                for _ in range(3):  # capture (graphs) and warm-up
+                    fn(*args)
+                sync(ctx.device)
+                t = time.perf_counter()
+                for _ in range(calls):
+                    out = fn(*args)
+                sync(ctx.device)
+                ms = (time.perf_counter() - t) / calls * 1e3
+                row = {"first_call_s": first_s, "ms_per_call": ms, "peak_gib": peak(ctx.device),
+                       "rel_err_vs_eager": rel_err(out.float(), ref), "first_rel_err_vs_eager": rel_err(first, ref),
+                       "rel_err_vs_fp32": None if ref32 is None else rel_err(out.float(), ref32),
+                       "report": asdict(report)}
+                if "+prof" in variant:
+                    row["profile"] = kernel_profile(ctx, lambda: fn(*args), 3, ms)
         finally:
             remove_accel(s)
             del fn
