@@ -406,12 +406,12 @@ def variant_kwargs(variant: str) -> dict:
                       "spatiallayers": ("regional", "spatiallayers"),
                       "temporallayers": ("regional", "temporallayers")}[scope_name]
     # prof, cudnnbench, cdt, mat: read by part_unetcall (study_options)
-    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "fp8ff", "dyn", *STUDY_OPTIONS}
+    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", *STUDY_OPTIONS}
     if unknown:
         raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")
     return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
-            "temporal_attention": "math" if "tmath" in opts else "sdpa", "fp8_feedforward": "fp8ff" in opts,
-            "dynamic_sizes": "dyn" in opts}
+            "temporal_attention": "triton" if "ttri" in opts else "math" if "tmath" in opts else "sdpa",
+            "fp8_feedforward": "fp8ff" in opts, "dynamic_sizes": "dyn" in opts}
 
 
 # Study only (part_unetcall): kernel tuning that needs no change to the model. cudnnbench times cuDNN's
@@ -442,8 +442,9 @@ def part_unetcall(ctx, res, frames):
     """One CFG-batched UNet call under each accel variant (--variants): compile time, ms per call,
     peak memory, relative error vs eager fp16. A variant is a scope (eager, blocks, layers, full) plus
     options: +conv2d (temporal convs as 2-D), +graphs (CUDA graph of the whole call), +tmath (short-sequence
-    temporal attention), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width), +prof (profile it),
-    and the kernel-tuning studies of STUDY_OPTIONS (+cudnnbench, +cdt, +mat)."""
+    temporal attention as two matmuls), +ttri (the same as one Triton kernel), +fp8ff (FP8 feed-forward
+    matmuls), +dyn (symbolic height and width), +prof (profile it), and the kernel-tuning studies of
+    STUDY_OPTIONS (+cudnnbench, +cdt, +mat)."""
     from app.engine.accel import apply_accel, remove_accel
 
     s = ctx.base_sampler
@@ -878,7 +879,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--accel", default="layers+conv2d+graphs+tmath",
                     help="speedups for the compile parts: a scope (eager, blocks, layers, full) and +conv2d, +graphs, "
-                         "+tmath, +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width) "
+                         "+tmath, +ttri (temporal attention as one Triton kernel), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width) "
                          "(the app's defaults: layers+conv2d+graphs+tmath)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--temporal-convs", choices=("live", "zero"), default="live",

@@ -11,6 +11,11 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install "torch==2.13.0" || .venv/bin/python -m pip install torch --index-url https://download.pytorch.org/whl/cpu
 fi
 .venv/bin/python -m pip install -e ".[test]"
+# Triton for running the GPU attention kernel in Triton's interpreter (tests/test_triton_attention.py),
+# kept out of the test environment itself: importable there, it would make Inductor compile in other tests.
+if [ ! -d .venv/triton-interpret/triton ]; then
+  .venv/bin/python -m pip install --no-deps --target .venv/triton-interpret "triton>=3.2,<4"
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -282,3 +282,39 @@ def test_dynamic_sizes_with_full_compile_say_they_do_not_apply(sampler):
     report = apply_accel(sampler, "full", dynamic_sizes=True, compiler=lambda fn, **kw: fn, force=True)
     assert report.dynamic_sizes is False
     assert report.notes == ["dynamic sizes apply to regional compile only; the full UNet compiles per size"]
+
+
+def test_triton_temporal_attention_off_cuda_uses_the_matmul_form(sampler, image_rgb):
+    from app.engine.rewrites import ShortSequenceAttention
+
+    report = apply_accel(sampler, "regional", temporal_attention="triton", compiler=lambda fn, **kw: fn, force=True)
+    assert report.temporal_attention == "math"
+    assert "Triton temporal attention needs CUDA and Triton; using the matmul form" in report.notes
+    procs = [m.processor for m in sampler.c.unet.modules() if isinstance(getattr(m, "processor", None),
+                                                                           ShortSequenceAttention)]
+    assert procs and all(p.kernel is None for p in procs)
+    assert sampler(_req(image_rgb)).frames_thwc_uint8.shape == (4, 64, 64, 3)
+
+
+def test_triton_temporal_attention_that_cannot_load_uses_the_matmul_form(sampler, monkeypatch, caplog):
+    import sys
+
+    import app.engine.accel as accel
+    from app.engine.rewrites import ShortSequenceAttention
+
+    # A CUDA machine whose Triton cannot be imported (or is too old for the kernel).
+    monkeypatch.setattr(accel, "has_triton", lambda: True)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setattr(sampler, "device", torch.device("cuda"))
+    with caplog.at_level(logging.WARNING):
+        report = apply_accel(sampler, "regional", temporal_attention="triton", compiler=lambda fn, **kw: fn,
+                             force=True)
+    assert report.temporal_attention == "math" and report.compile == "regional"
+    assert "Triton temporal attention unavailable (ModuleNotFoundError" in report.notes[0]
+    assert "using the matmul form" in caplog.text
+    procs = [m.processor for m in sampler.c.unet.modules() if isinstance(getattr(m, "processor", None),
+                                                                           ShortSequenceAttention)]
+    assert procs and all(p.kernel is None for p in procs)
+    remove_accel(sampler)
+    assert not any(isinstance(getattr(m, "processor", None), ShortSequenceAttention)
+                   for m in sampler.c.unet.modules())

@@ -71,3 +71,45 @@ def test_short_attention_hands_masks_to_the_original_processor(unet):
 def test_unknown_mode_is_refused(unet):
     with pytest.raises(ValueError, match="temporal attention mode 'fast'"):
         use_temporal_attention(unet, "fast")
+
+
+def _reference_kernel(calls):
+    """What app.engine.triton_attention's operator computes, in plain torch, counting its calls."""
+    def kernel(q, k, v, heads, scale):
+        calls.append((tuple(q.shape), heads, scale))
+        b, n, c = q.shape
+        split = [t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*split, scale=scale)
+        return out.transpose(1, 2).reshape(b, n, c)
+    return kernel
+
+
+def test_kernel_mode_matches_the_original_and_passes_the_right_sizes(unet):
+    inputs = _inputs(unet)
+    expected = _run(unet, inputs)
+    use_temporal_attention(unet, "math")
+    procs = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), ShortSequenceAttention)]
+    calls, asked = [], []
+    for m in procs:  # the "triton" mode's wiring, with a kernel that runs on the CPU
+        m.processor.kernel = _reference_kernel(calls)
+        m.processor.kernel_fits = lambda q, k, v, heads: asked.append(heads) or True
+    got = _run(unet, inputs)
+    assert len(calls) == len(asked) > 0
+    frames = inputs["sample"].shape[2]
+    assert all(shape[1] == frames and scale == pytest.approx((shape[2] // heads) ** -0.5)
+               for shape, heads, scale in calls), calls
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+def test_kernel_mode_keeps_the_matmuls_where_the_kernel_does_not_fit(unet):
+    inputs = _inputs(unet)
+    expected = _run(unet, inputs)
+    use_temporal_attention(unet, "math")
+    calls = []
+    for m in unet.modules():
+        if isinstance(getattr(m, "processor", None), ShortSequenceAttention):
+            m.processor.kernel = _reference_kernel(calls)
+            m.processor.kernel_fits = lambda q, k, v, heads: False
+    assert torch.equal(_run(unet, inputs), _run(unet, inputs))
+    assert torch.allclose(_run(unet, inputs), expected, atol=1e-4, rtol=1e-4)
+    assert calls == []

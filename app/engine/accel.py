@@ -1,6 +1,6 @@
 """GPU speedups for the UNet: torch.compile (regional or whole-model), CUDA graphs of the whole UNet
-call, the exact rewrites of app.engine.rewrites, FP8 feed-forward matmuls (app.engine.fp8), and an
-on-disk compile cache. Every speedup falls back with a warning, never a crash.
+call, the exact rewrites of app.engine.rewrites (with app.engine.triton_attention's kernel), FP8
+feed-forward matmuls (app.engine.fp8), and an on-disk compile cache. Every speedup falls back with a warning, never a crash.
 """
 
 from __future__ import annotations
@@ -204,10 +204,10 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
 
     `scope` is off, regional or full; `regions` picks what regional compile wraps (REGION_SETS);
     `temporal_conv2d` and `temporal_attention` are exact rewrites (app.engine.rewrites), used with
-    compile; `fp8_feedforward` runs the feed-forward matmuls in FP8 (app.engine.fp8), with compile and
-    where the device supports it; `dynamic_sizes` compiles the regions with height and width as symbols,
-    so one compile serves every resolution (regional only); `cuda_graphs` replays each UNet call as a
-    CUDA graph, compiled or not.
+    compile (the "triton" attention on CUDA with Triton only, else "math"); `fp8_feedforward` runs the
+    feed-forward matmuls in FP8 (app.engine.fp8), with compile and where the device supports it;
+    `dynamic_sizes` compiles the regions with height and width as symbols, so one compile serves every
+    resolution (regional only); `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not.
     Only CUDA gets changed unless `force` (the CPU tests use it, with a fake `compiler`).
     """
     report = AccelReport()
@@ -233,8 +233,21 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     if scope != "off" and temporal_conv2d:
         undo.append(use_conv2d_for_temporal_convs(unet))
         report.temporal_conv2d = True
+    if scope != "off" and temporal_attention == "triton" and (sampler.device.type != "cuda" or not has_triton()):
+        # The fused kernel runs on CUDA through Triton only; the two-matmul form computes the same.
+        report.notes.append("Triton temporal attention needs CUDA and Triton; using the matmul form")
+        temporal_attention = "math"
     if scope != "off" and temporal_attention != "sdpa":
-        undo.append(use_temporal_attention(unet, temporal_attention))
+        try:
+            undo.append(use_temporal_attention(unet, temporal_attention))
+        except Exception as exc:  # e.g. a Triton too old for the kernel or for torch.library.triton_op
+            if temporal_attention != "triton":
+                raise
+            note = f"Triton temporal attention unavailable ({type(exc).__name__}: {str(exc)[:200]}); using the matmul form"
+            report.notes.append(note)
+            log.warning(note)
+            temporal_attention = "math"
+            undo.append(use_temporal_attention(unet, temporal_attention))
         report.temporal_attention = temporal_attention
     if scope != "off" and fp8_feedforward:
         # Unfused, the per-token scaling is extra passes over each activation; like the rewrites, FP8

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 # Frame-axis layers: their attention runs over the frames (16-32 long), not over pixels.
 TEMPORAL_CONTAINERS = ("TransformerTemporalModel", "I2VGenXLTransformerTemporalEncoder")
-TEMPORAL_ATTENTION_MODES = ("sdpa", "math")
+TEMPORAL_ATTENTION_MODES = ("sdpa", "math", "triton")
 
 
 # Temporal convolutions ---------------------------------------------------------------------------
@@ -56,10 +56,17 @@ class ShortSequenceAttention:
     (on an H100 at 512p, compiled: 131.0 vs 134.4 ms per UNet call; a broadcast-and-sum form that
     Inductor fuses measured 156 ms). Anything unusual (a mask, extra arguments) goes to the
     original processor.
+
+    With `kernel` (the "triton" mode: app.engine.triton_attention's operator) the scores, softmax and
+    output of each head are one fused kernel instead, wherever `kernel_fits` says it takes the
+    projections; other devices (the meta device of the compile helpers' plan) and sizes keep the two
+    matmuls.
     """
 
-    def __init__(self, original: Any):
+    def __init__(self, original: Any, kernel: Callable[..., torch.Tensor] | None = None,
+                 kernel_fits: Callable[..., bool] | None = None):
         self.original = original
+        self.kernel, self.kernel_fits = kernel, kernel_fits
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -71,10 +78,13 @@ class ShortSequenceAttention:
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         heads = attn.heads
         d = k.shape[-1] // heads
+        scale = d ** -0.5  # what scaled_dot_product_attention uses, as the original processor does
+        if self.kernel is not None and self.kernel_fits(q, k, v, heads):
+            out = self.kernel(q, k, v, heads, scale)
+            return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
         q = q.view(b, n, heads, d).transpose(1, 2)
         k = k.view(b, -1, heads, d).transpose(1, 2)
         v = v.view(b, -1, heads, d).transpose(1, 2)
-        scale = d ** -0.5  # what scaled_dot_product_attention uses, as the original processor does
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
         out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
         out = out.transpose(1, 2).reshape(b, n, heads * d)
@@ -91,9 +101,15 @@ def _plain_attention(m: torch.nn.Module) -> bool:
 
 
 def use_temporal_attention(unet: torch.nn.Module, mode: str) -> Callable[[], None]:
-    """Give the temporal layers' attention the short-sequence processor ("math"); "sdpa" keeps theirs."""
+    """Give the temporal layers' attention the short-sequence processor: "math" (two matmuls) or "triton"
+    (one fused kernel; needs Triton, which this imports); "sdpa" keeps theirs."""
     if mode not in TEMPORAL_ATTENTION_MODES:
         raise ValueError(f"unknown temporal attention mode {mode!r}; choose from {TEMPORAL_ATTENTION_MODES}")
+    kernel = kernel_fits = None
+    if mode == "triton":
+        from app.engine import triton_attention
+
+        kernel, kernel_fits = triton_attention.short_attention_op(), triton_attention.fits
     patched: list[tuple[Any, Any]] = []
     if mode != "sdpa":
         for container in unet.modules():
@@ -102,7 +118,7 @@ def use_temporal_attention(unet: torch.nn.Module, mode: str) -> Callable[[], Non
             for m in container.modules():
                 if _plain_attention(m):
                     patched.append((m, m.processor))
-                    m.processor = ShortSequenceAttention(m.processor)
+                    m.processor = ShortSequenceAttention(m.processor, kernel, kernel_fits)
 
     def undo() -> None:
         for m, original in patched:
