@@ -107,7 +107,7 @@ class AccelSettings:
     compile: str = field(default="regional", metadata=_choice("regional", "full", "off"))
     regions: str = field(default="layers", metadata=_choice("layers", "blocks"))
     temporal_conv2d: bool = True
-    temporal_attention: str = field(default="math", metadata=_choice("math", "triton", "sdpa"))
+    temporal_attention: str = field(default="triton", metadata=_choice("triton", "math", "sdpa"))
     fp8_feedforward: bool = False
     dynamic_sizes: bool = False
     cuda_graphs: bool = True

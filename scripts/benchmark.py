@@ -877,15 +877,15 @@ def main() -> None:
     ap.add_argument("--parts", default="")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--accel", default="layers+conv2d+graphs+tmath",
+    ap.add_argument("--accel", default="layers+conv2d+graphs+ttri",
                     help="speedups for the compile parts: a scope (eager, blocks, layers, full) and +conv2d, +graphs, "
                          "+tmath, +ttri (temporal attention as one Triton kernel), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width) "
-                         "(the app's defaults: layers+conv2d+graphs+tmath)")
+                         "(the app's defaults: layers+conv2d+graphs+ttri)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--temporal-convs", choices=("live", "zero"), default="live",
                     help="full-size model: random temporal convs (live) or diffusers' zero init, PERF.md's recipe (zero)")
     ap.add_argument("--variants", default="eager,blocks,layers,layers+conv2d+graphs,layers+conv2d+graphs+tmath,"
-                                          "layers+conv2d+tmath+prof",
+                                          "layers+conv2d+graphs+ttri,layers+conv2d+ttri+prof",
                     help="for the unetcall parts: comma-separated accel variants")
     ap.add_argument("--model-dir")
     ap.add_argument("--table", action="store_true")
