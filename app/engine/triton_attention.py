@@ -24,6 +24,7 @@ import triton.language as tl
 # Longest sequence and the head sizes the kernel takes; anything else stays on the matmul path.
 MAX_TOKENS = 64
 HEAD_DIMS = (16, 32, 64, 128)
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -54,9 +55,12 @@ def _block(n: int) -> int:
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
     """True when the kernel takes these projections (else the caller uses the matmul path): CUDA tensors
-    of one dtype, (batch, tokens, heads x d) with d in HEAD_DIMS and at most MAX_TOKENS tokens."""
+    of one 16-bit dtype, (batch, tokens, heads x d) with d in HEAD_DIMS and at most MAX_TOKENS tokens.
+    float32 stays on the matmul path: tl.dot would round its inputs to TF32, which a float32 run does not
+    ask for (torch keeps TF32 off for matmuls by default)."""
     c = q.shape[-1]
-    return (q.is_cuda and q.ndim == k.ndim == v.ndim == 3 and q.dtype == k.dtype == v.dtype
+    return (q.is_cuda and q.ndim == k.ndim == v.ndim == 3 and q.dtype in SIXTEEN_BIT
+            and q.dtype == k.dtype == v.dtype
             and k.shape == v.shape and k.shape[-1] == c and k.shape[0] == q.shape[0]
             and c % heads == 0 and c // heads in HEAD_DIMS and 0 < q.shape[1] <= MAX_TOKENS
             and 0 < k.shape[1] <= MAX_TOKENS)
