@@ -14,7 +14,8 @@ fi
 # Triton for running the GPU attention kernel in Triton's interpreter (tests/test_triton_attention.py),
 # kept out of the test environment itself: importable there, it would make Inductor compile in other tests.
 if [ ! -d .venv/triton-interpret/triton ]; then
-  .venv/bin/python -m pip install --no-deps --target .venv/triton-interpret "triton>=3.2,<4"
+  .venv/bin/python -m pip install --no-deps --target .venv/triton-interpret "triton>=3.2,<4" \
+    || echo "[WARN] triton could not be installed here; tests/test_triton_attention.py will be skipped" >&2
 fi
 set +e
 .venv/bin/python -m pytest "$@"
