@@ -1,6 +1,7 @@
 """GPU speedups for the UNet: torch.compile (regional or whole-model), CUDA graphs of the whole UNet
 call, the exact rewrites of app.engine.rewrites (with app.engine.triton_attention's kernel), FP8
-feed-forward matmuls (app.engine.fp8), and an on-disk compile cache. Every speedup falls back with a warning, never a crash.
+feed-forward matmuls (app.engine.fp8), and an on-disk compile cache. Every speedup falls back with a
+warning, never a crash.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
         except Exception as exc:  # e.g. a Triton too old for the kernel or for torch.library.triton_op
             if temporal_attention != "triton":
                 raise
-            note = f"Triton temporal attention unavailable ({type(exc).__name__}: {str(exc)[:200]}); using the matmul form"
+            note = (f"Triton temporal attention unavailable ({type(exc).__name__}: {str(exc)[:200]}); "
+                    "using the matmul form")
             report.notes.append(note)
             log.warning(note)
             temporal_attention = "math"
