@@ -642,7 +642,8 @@ def part_load(ctx):
 
 def part_coldstart(ctx):
     """A fresh process: load the saved model, compile, first 512p result. Twice: empty cache, then kept cache;
-    for each count of compile helpers in --coldstart-helpers (0: none, as before; auto: the app's default)."""
+    for each count of compile helpers in --coldstart-helpers (0: none, as before; auto: the app's default; a
+    count ending in "all", e.g. 8all: the warm-up waits for all helpers first instead of for each call's)."""
     folder = saved_model(ctx)
     results = {}
     # The same cache the in-process parts use, emptied first: later parts then start warm, as a
@@ -736,7 +737,11 @@ def app_start() -> None:
 
 def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: str = "0") -> None:
     """Child process of `coldstart`: what a user waits for after launching the app, stage by stage. With
-    `helpers` (a count or auto), compile helpers start first and run while the weights are read, as in the app."""
+    `helpers` (a count or auto), compile helpers start first and run while the weights are read, as in the app,
+    and each region call of the warm-up waits for its own helper; with a count ending in "all" (e.g. 8all) the
+    warm-up waits for all helpers first, as before session 9."""
+    wait_all = helpers.endswith("all")
+    helpers = helpers.removesuffix("all")
     t0 = time.perf_counter()
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.float16
@@ -773,19 +778,28 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: st
     t = mark("to_device_s", t)
     t_load = t - t0
     apply_accel(s, **kwargs, force=tiny)
-    t = time.perf_counter()
-    helpers_done = running.wait() if running is not None else None
-    t_wait = time.perf_counter() - t
+    t_wait = t_tail = 0.0
+    if running is not None and not wait_all:
+        waiter = running.follow(s.c.unet, kwargs["regions"])  # as the app's loader: each region call waits for its helper
+    else:
+        waiter = contextlib.nullcontext()
+        t = time.perf_counter()
+        helpers_done = running.wait() if running is not None else None
+        t_wait = time.perf_counter() - t
     regions = RegionTimer(s.c.unet, REGION_SETS[kwargs["regions"]], device)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8))
     req = SampleRequest(image=img, prompt="a cat", negative_prompt="", height=res, width=res, num_frames=frames,
                         fps=8, steps=2, guidance_scale=9.0, seed=0)
     t = time.perf_counter()
-    with RegionRecorder(s.c.unet, kwargs["regions"]) as seen:
+    with RegionRecorder(s.c.unet, kwargs["regions"]) as seen, waiter:
         warm = s(req)
     t_warm = time.perf_counter() - t
     t_ready = time.perf_counter() - t0
     regions.stop()
+    if running is not None and not wait_all:
+        t = time.perf_counter()
+        helpers_done = {**running.wait(), "warmup_waits": waiter.summary()}
+        t_tail = time.perf_counter() - t  # helpers still running after the warm-up: nothing the app waits for
     if helpers != "0":
         mark_done(cache, job, t_warm)
     req = SampleRequest(**{**req.__dict__, "steps": steps})
@@ -802,6 +816,7 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: st
                       "ready_s": t_ready,
                       # the helpers' tail plus the warm-up (ready_s - load_s also counts apply_accel between them)
                       "ready_after_load_s": t_wait + t_warm, "compile_warmup_s": t_warm,
+                      "helpers_wait_all_first": wait_all, "helpers_after_warmup_s": t_tail,
                       "warmup_stages_s": warm.timings_s, "regions_warmup_calls": regions.table,
                       "dynamo_compile_times": compile_times(repr="str", aggregate=True),
                       "counters": {k: dict(v) for k, v in counters.items()},

@@ -113,4 +113,8 @@ def test_benchmark_tiny_coldstart_with_a_compile_helper(tmp_path):
     assert first["helpers"]["helpers"] == 1 and first["helpers"]["failed"] == 0, first["helpers"]
     assert first["helpers"]["results"][0]["distinct_calls"] == first["region_calls"] > 0
     assert first["unplanned_region_calls"] == []
+    # The warm-up followed the helper region by region (not waiting for it first), and found every call it brought.
+    assert first["helpers_wait_all_first"] is False and first["helpers_wait_s"] == 0.0
+    waits = first["helpers"]["warmup_waits"]
+    assert waits["calls"] == waits["ready"] == first["region_calls"], waits
     assert first["ready_s"] >= first["load_s"] and "kept_cache_helpers_1" in result

@@ -164,36 +164,55 @@ def test_a_helpers_compile_is_a_cache_hit_for_the_app(tiny_model_dir, tmp_path):
 
 
 class FakeHelpers:
-    def __init__(self):
+    def __init__(self, order: list[str] | None = None):
         self.waited = self.stopped = 0
+        self.order = [] if order is None else order
 
     def wait(self):
         self.waited += 1
+        self.order.append("wait")
         return {"helpers": 2, "failed": 0, "wall_s": 1.0, "results": []}
+
+    def follow(self, unet, regions):
+        order = self.order
+
+        class Waiter:
+            def __enter__(self):
+                order.append(f"follow {regions} {type(unet).__name__}")
+                return self
+
+            def __exit__(self, *exc):
+                order.append("unfollow")
+
+            def summary(self):
+                return {"waited_s": 0.5, "calls": 3}
+
+        return Waiter()
 
     def stop(self):
         self.stopped += 1
 
 
-def test_the_loader_waits_for_helpers_before_the_warm_up_and_records_it(settings, tiny_model_dir, monkeypatch):
+def test_the_loader_follows_the_helpers_during_the_warm_up_and_records_it(settings, tiny_model_dir, monkeypatch):
     from app.engine import loader
     from app.engine.accel import AccelReport
 
     order: list[str] = []
-    fake = FakeHelpers()
+    fake = FakeHelpers(order)
     job = _job(tiny_model_dir)
     # On the CPU there are no helpers and nothing compiles: pretend both, so the GPU path runs.
     monkeypatch.setattr(loader, "precompile_job", lambda *a: job)
     monkeypatch.setattr(loader, "begin_helpers", lambda j, setting, cache: order.append(f"start {setting}") or fake)
     monkeypatch.setattr(loader, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
-    monkeypatch.setattr(fake, "wait", lambda: order.append("wait") or FakeHelpers().wait())
     real_warmup = loader.warmup
     monkeypatch.setattr(loader, "warmup", lambda sampler, s: order.append("warm-up") or real_warmup(sampler, s))
     settings.defaults.resolution, settings.defaults.num_frames, settings.defaults.steps = 64, 4, 2
 
     engine = loader.load_engine(settings, source="tiny")
-    assert order == ["start auto", "wait", "warm-up"]
-    assert engine.helpers["helpers"] == 2 and engine.warmup_s > 0 and fake.stopped == 0
+    # The warm-up runs with the helpers followed region by region; their summaries are collected after it.
+    assert order == ["start auto", "follow layers I2VGenXLUNet", "warm-up", "unfollow", "wait"]
+    assert engine.helpers["helpers"] == 2 and engine.helpers["warmup_waits"] == {"waited_s": 0.5, "calls": 3}
+    assert engine.warmup_s > 0 and fake.stopped == 0
     marker = done_marker(settings.path("models") / ".compile-cache", job)
     assert json.loads(marker.read_text())["job"]["height"] == 64
 
@@ -251,3 +270,87 @@ def test_helpers_report_a_failure_and_never_raise(tiny_model_dir, tmp_path):
     assert summary["helpers"] == 1 and summary["failed"] == 1
     assert "exit code 1" in summary["results"][0]["error"]
     assert "config.json" in summary["results"][0]["error"]
+
+
+class FakeProc:
+    def __init__(self, alive: bool = True):
+        self.alive = alive
+
+    def poll(self):
+        return None if self.alive else 0
+
+
+def _waiter(tmp_path, procs, shares: dict[int, list[str]], timeout_s: float = 60.0, name: str = "progress"):
+    import time
+
+    progress = tmp_path / name
+    progress.mkdir()
+    for i, keys in shares.items():
+        (progress / f"share-{i}.json").write_text(json.dumps(keys))
+    helpers = precompile.Helpers(procs, [], time.perf_counter(), progress)
+    return precompile.RegionWaiter(helpers, torch.nn.Module(), "layers", timeout_s=timeout_s, poll_s=0.01), progress
+
+
+def test_a_region_call_waits_for_its_helpers_marker(tmp_path):
+    import threading
+    import time
+
+    waiter, progress = _waiter(tmp_path, [FakeProc(), FakeProc()], {0: ["aaa"], 1: ["bbb"]})
+    written = threading.Event()
+
+    def helper_finishes():
+        time.sleep(0.2)
+        (progress / "done-aaa").touch()
+        written.set()
+
+    threading.Thread(target=helper_finishes).start()
+    assert waiter.wait_for("aaa") == "ready"
+    assert written.is_set()  # it returned only once the helper had put the call in the cache
+
+
+def test_a_region_call_does_not_wait_where_no_helper_will_bring_it(tmp_path):
+    import threading
+    import time
+
+    # Its helper exited without it (failed): compile it here.
+    waiter, _ = _waiter(tmp_path, [FakeProc(alive=False), FakeProc()], {0: ["aaa"], 1: ["bbb"]})
+    assert waiter.wait_for("aaa") == "helper_gone"
+    # Every helper has said what it compiles, and none has it (a call the plan did not foresee).
+    assert waiter.wait_for("ccc") == "unplanned"
+    # A helper has not said yet: wait for its share; once it has exited without one, stop waiting.
+    late = FakeProc()
+    waiter, _ = _waiter(tmp_path, [FakeProc(), late], {0: ["aaa"]}, name="late")
+    threading.Timer(0.2, lambda: setattr(late, "alive", False)).start()
+    t = time.perf_counter()
+    assert waiter.wait_for("ccc") == "unplanned"
+    assert not late.alive and time.perf_counter() - t >= 0.15
+    # The helpers' time is up.
+    waiter, _ = _waiter(tmp_path, [FakeProc()], {0: ["aaa"]}, timeout_s=0.0, name="late2")
+    assert waiter.wait_for("aaa") == "timeout"
+
+
+def test_the_warm_up_meets_every_region_call_in_the_helpers_markers(tiny_model_dir, tmp_path, pil_image):
+    """Two real helper processes (on the CPU without Triton they run their share without compiling) and a
+    warm-up of the tiny sampler with the same rewrites: each of its distinct region calls is found among the
+    helpers' markers, by the key the helpers gave it on their meta-device UNet."""
+    from app.engine.components import load_components
+    from app.engine.sampler import I2VGenXLSampler
+
+    job = _job(tiny_model_dir)
+    helpers = precompile.start_helpers(job, 2, tmp_path / "cache")
+    s = I2VGenXLSampler(load_components(tiny_model_dir, dtype=torch.float32, variant=""), "cpu", torch.float32)
+    s.place()
+    apply_accel(s, "regional", regions="layers", temporal_conv2d=True, temporal_attention="math",
+                compiler=lambda fn, **_: fn, force=True)
+    try:
+        with helpers.follow(s.c.unet, "layers") as waiter:
+            s(_request(pil_image, steps=2))
+    finally:
+        remove_accel(s)
+    done = helpers.wait(timeout_s=300)
+    assert done["failed"] == 0, done
+    summary = waiter.summary()
+    planned = record_region_calls(meta_unet(job), job)
+    assert summary["calls"] == len(planned) and summary["ready"] == len(planned), summary
+    assert sorted(p.name for p in (tmp_path / "cache" / "precompile-progress").glob("done-*")) == \
+        sorted(f"done-{c.key()}" for c in planned)

@@ -85,11 +85,17 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
         if report.compile != "off" and accel.warmup:
             say("compile_cached" if cached else "compile_first")
             if helpers is not None:
-                helpers_done = helpers.wait()
+                # Each region call of the warm-up waits for its own helper, not for all of them: the warm-up's
+                # tracing and cache loads overlap the helpers' last compiles.
+                with helpers.follow(sampler.c.unet, accel.regions) as waiter:
+                    warmup_s = warmup(sampler, settings)
+                helpers_done = {**helpers.wait(), "warmup_waits": waiter.summary()}
                 helpers = None
-                log.info("compile helpers: %d of %d finished in %.1f s", helpers_done["helpers"] - helpers_done["failed"],
-                         helpers_done["helpers"], helpers_done["wall_s"])
-            warmup_s = warmup(sampler, settings)
+                log.info("compile helpers: %d of %d finished in %.1f s; the warm-up waited %.1f s for them",
+                         helpers_done["helpers"] - helpers_done["failed"], helpers_done["helpers"],
+                         helpers_done["wall_s"], helpers_done["warmup_waits"]["waited_s"])
+            else:
+                warmup_s = warmup(sampler, settings)
             # Asked again: a compile failure during the warm-up turns compile off (GuardedDenoiser). Still on,
             # the warm-up compiled (or loaded) every graph of this job, so later starts need no helpers.
             if job is not None and cache is not None and report.compile != "off":

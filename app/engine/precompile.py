@@ -10,14 +10,21 @@ the graph, its inputs' shapes, strides and dtypes, and the compile settings, not
 app's warm-up then loads each graph instead of compiling it. A helper that fails or is late costs nothing but
 time: whatever is not in the cache is compiled by the app as before.
 
-Run as `python -m app.engine.precompile JOB.json INDEX COUNT` (started by `start_helpers`).
+The app does not wait for all helpers before its warm-up: while the warm-up runs, each region call first
+waits for the helper that compiles that call (`RegionWaiter`), so the app's own tracing and cache loads overlap
+the helpers' remaining compiles. Each helper writes the keys of its share, then one marker per compiled call,
+into a progress folder.
+
+Run as `python -m app.engine.precompile JOB.json INDEX COUNT [PROGRESS_DIR]` (started by `start_helpers`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,8 +64,6 @@ class PrecompileJob:
 
     def key(self) -> str:
         """Names the cache contents this job produces: a completed warm-up for it is recorded under this key."""
-        import hashlib
-
         device = torch.device(self.device)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         facts = {**asdict(self), "model_dir": _unet_config_text(Path(self.model_dir)), "torch": torch.__version__,
@@ -93,6 +98,26 @@ class RegionCall:
     def signature(self) -> str:
         params = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.module.named_parameters()]
         return repr((type(self.module).__name__, params, self.args, sorted(self.kwargs.items())))
+
+    def key(self) -> str:
+        """A short name for the signature: the helpers' progress markers are named by it."""
+        return hashlib.sha256(self.signature().encode()).hexdigest()[:16]
+
+
+def region_call(path: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> RegionCall:
+    """Describe one call of a region by its tensors' shapes, strides and dtypes (and which are the same object)."""
+    seen: dict[int, int] = {}  # id -> index of the tensor's first appearance in this call
+    count = [0]
+
+    def spec(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        same = seen.get(id(x))
+        seen.setdefault(id(x), count[0])
+        count[0] += 1
+        return TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, same)
+
+    return RegionCall(path, module, tree_map(spec, args), tree_map(spec, kwargs), sum(1 for _ in module.modules()))
 
 
 def meta_unet(job: PrecompileJob) -> torch.nn.Module:
@@ -137,19 +162,7 @@ class RegionRecorder:
         names = {id(m): n for n, m in self.unet.named_modules()}
 
         def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            seen: dict[int, int] = {}  # id -> index of the tensor's first appearance in this call
-            count = [0]
-
-            def spec(x: Any) -> Any:
-                if not isinstance(x, torch.Tensor):
-                    return x
-                same = seen.get(id(x))
-                seen.setdefault(id(x), count[0])
-                count[0] += 1
-                return TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, same)
-
-            call = RegionCall(names[id(module)], module, tree_map(spec, args), tree_map(spec, kwargs),
-                              sum(1 for _ in module.modules()))
+            call = region_call(names[id(module)], module, args, kwargs)
             self.calls.setdefault(call.signature(), call)
 
         for module in _outermost(self.unet, REGION_SETS[self.regions]):
@@ -202,13 +215,24 @@ def _materialize(spec: Any, device: torch.device, made: list[torch.Tensor]) -> A
     return t
 
 
-def run_helper(job: PrecompileJob, index: int, count: int, compiler: Any = None) -> dict:
-    """Compile helper `index`'s share of the region calls into the compile cache (set by the environment)."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_helper(job: PrecompileJob, index: int, count: int, compiler: Any = None, progress: Path | None = None) -> dict:
+    """Compile helper `index`'s share of the region calls into the compile cache (set by the environment).
+    With `progress`, it writes there the keys of its share (share-INDEX.json) first and a marker for each
+    call once compiled (done-KEY), for the app's RegionWaiter."""
     t0 = time.perf_counter()
     device = torch.device(job.device)
     unet = meta_unet(job)
     calls = record_region_calls(unet, job)
     share = assign(calls, count)[index]
+    keys = {i: calls[i].key() for i in share}
+    if progress is not None:
+        _write_atomic(progress / f"share-{index}.json", json.dumps(list(keys.values())))
     recorded_s = time.perf_counter() - t0
     sampler = SimpleNamespace(device=device, offload=False, c=SimpleNamespace(unet=unet), _unet_forward=None)
     # The same compile wrapping as the app's (regional, fullgraph, static shapes, the same rewrites and limits).
@@ -229,6 +253,8 @@ def run_helper(job: PrecompileJob, index: int, count: int, compiler: Any = None)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             done.append({"region": call.path, "s": round(time.perf_counter() - t, 3)})
+            if progress is not None:
+                (progress / f"done-{keys[i]}").touch()
             del args, kwargs
             module.to_empty(device="meta")  # give the memory back before the next one
     return {"helper": index, "of": count, "distinct_calls": len(calls), "compiled": done,
@@ -276,10 +302,14 @@ def free_ram_gib() -> float | None:
 
 
 class Helpers:
-    """The running helper processes; `wait` collects their summaries (or their errors) and never raises."""
+    """The running helper processes; `wait` collects their summaries (or their errors) and never raises;
+    `follow` makes a warm-up wait for each region call's helper instead of for all of them."""
 
-    def __init__(self, procs: list[subprocess.Popen], logs: list[Path], started: float):
-        self.procs, self.logs, self.started = procs, logs, started
+    def __init__(self, procs: list[Any], logs: list[Path], started: float, progress: Path | None = None):
+        self.procs, self.logs, self.started, self.progress = procs, logs, started, progress
+
+    def follow(self, unet: torch.nn.Module, regions: str, timeout_s: float = HELPER_TIMEOUT_S) -> "RegionWaiter":
+        return RegionWaiter(self, unet, regions, timeout_s)
 
     def wait(self, timeout_s: float = HELPER_TIMEOUT_S) -> dict:
         deadline = self.started + timeout_s
@@ -311,6 +341,76 @@ class Helpers:
                 proc.wait()
 
 
+class RegionWaiter:
+    """While installed (a context manager), a compile region's call first waits until the helper that
+    compiles that call has put it in the cache, so Dynamo then loads it instead of compiling it again. It
+    waits for nothing where no helper will bring the call: it is in no helper's share (all shares known),
+    its helper has exited without it (failed), or the helpers' time is up. Each distinct call waits once.
+    `summary` says how much was waited and for what."""
+
+    def __init__(self, helpers: Helpers, unet: torch.nn.Module, regions: str, timeout_s: float = HELPER_TIMEOUT_S,
+                 poll_s: float = 0.02):
+        self.helpers, self.unet, self.regions = helpers, unet, regions
+        self.deadline = helpers.started + timeout_s
+        self.poll_s = poll_s
+        self.shares: dict[int, set[str]] = {}
+        self.settled: dict[str, str] = {}  # call key -> ready | unplanned | helper_gone | timeout
+        self.waited_s = 0.0
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> "RegionWaiter":
+        names = {id(m): n for n, m in self.unet.named_modules()}
+
+        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            key = region_call(names[id(module)], module, args, kwargs).key()
+            if key not in self.settled:
+                t = time.perf_counter()
+                self.settled[key] = self.wait_for(key)
+                self.waited_s += time.perf_counter() - t
+
+        for module in _outermost(self.unet, REGION_SETS[self.regions]):
+            self.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _read_shares(self) -> None:
+        progress = self.helpers.progress
+        for i in range(len(self.helpers.procs)):
+            if i not in self.shares and progress is not None:
+                try:
+                    self.shares[i] = set(json.loads((progress / f"share-{i}.json").read_text(encoding="utf-8")))
+                except (OSError, ValueError):
+                    pass
+
+    def wait_for(self, key: str) -> str:
+        progress, procs = self.helpers.progress, self.helpers.procs
+        if progress is None:
+            return "unplanned"
+        marker = progress / f"done-{key}"
+        while True:
+            if marker.exists():
+                return "ready"
+            self._read_shares()
+            owners = [i for i, share in self.shares.items() if key in share]
+            if owners:
+                if all(procs[i].poll() is not None for i in owners):
+                    return "ready" if marker.exists() else "helper_gone"
+            elif not any(i not in self.shares and p.poll() is None for i, p in enumerate(procs)):
+                return "unplanned"  # every live helper has said what it compiles, and none has this call
+            if time.perf_counter() > self.deadline:
+                return "timeout"
+            time.sleep(self.poll_s)
+
+    def summary(self) -> dict:
+        outcomes = list(self.settled.values())
+        return {"waited_s": self.waited_s, "calls": len(outcomes),
+                **{k: outcomes.count(k) for k in ("ready", "unplanned", "helper_gone", "timeout")}}
+
+
 def start_helpers(job: PrecompileJob, count: int, cache_dir: Path, env: dict[str, str] | None = None) -> Helpers | None:
     """Start `count` helper processes that compile into the cache set by `env` (added to this environment).
     Triton's compile workers are shared out so the helpers together use every core once."""
@@ -318,6 +418,9 @@ def start_helpers(job: PrecompileJob, count: int, cache_dir: Path, env: dict[str
         return None
     cache_dir = cache_dir.resolve()  # the helpers run from the project folder
     cache_dir.mkdir(parents=True, exist_ok=True)
+    progress = cache_dir / "precompile-progress"  # this start's markers only
+    shutil.rmtree(progress, ignore_errors=True)
+    progress.mkdir()
     job_file = cache_dir / "precompile-job.json"
     job_file.write_text(json.dumps({**asdict(job), "model_dir": str(Path(job.model_dir).resolve())}),
                         encoding="utf-8")
@@ -330,10 +433,10 @@ def start_helpers(job: PrecompileJob, count: int, cache_dir: Path, env: dict[str
         log_path = cache_dir / f"precompile-{index}.log"
         with open(log_path, "w", encoding="utf-8") as out:
             procs.append(subprocess.Popen([sys.executable, "-m", "app.engine.precompile", str(job_file), str(index),
-                                           str(count)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root))
+                                           str(count), str(progress)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root))
         logs.append(log_path)
     log.info("started %d compile helpers (logs in %s)", count, cache_dir)
-    return Helpers(procs, logs, started)
+    return Helpers(procs, logs, started, progress)
 
 
 def done_marker(cache_dir: Path, job: PrecompileJob) -> Path:
@@ -370,8 +473,9 @@ def mark_done(cache_dir: Path, job: PrecompileJob, warmup_s: float) -> None:
 
 def main(argv: list[str]) -> int:
     job_file, index, count = Path(argv[0]), int(argv[1]), int(argv[2])
+    progress = Path(argv[3]) if len(argv) > 3 else None
     job = PrecompileJob(**json.loads(job_file.read_text(encoding="utf-8")))
-    print(json.dumps(run_helper(job, index, count)), flush=True)
+    print(json.dumps(run_helper(job, index, count, progress=progress)), flush=True)
     return 0
 
 
