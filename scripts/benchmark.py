@@ -662,7 +662,7 @@ def part_coldstart(ctx):
             inner = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
                      else {"error": out.stderr[-2000:]})
             # Dynamo's recompile reasons (TORCH_LOGS=recompiles): why a region compiled again for a call it had seen
-            inner["recompiles"] = [line[-600:] for line in out.stderr.splitlines() if "ecompil" in line][:40]
+            inner["recompiles"] = [line[-600:] for line in out.stderr.splitlines() if "__recompiles" in line][:400]
             results[label if helpers == "0" else f"{label}_helpers_{helpers}"] = {"wall_s": wall, **inner}
             ctx.save("coldstart", results)
 

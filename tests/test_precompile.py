@@ -80,6 +80,45 @@ def test_the_meta_plan_is_the_apps_region_calls_and_dynamos_graphs(tiny_engine, 
     assert len(graphs) == len(planned)
 
 
+def test_the_full_size_plan_has_one_call_per_dynamo_graph(tmp_path):
+    """On the real architecture (diffusers' default I2VGenXLUNet config, on the meta device) at 512p x 16 frames
+    the plan names one distinct call per graph Dynamo makes for the regions: 28, where a plan that saw only the
+    tensors had 27 (the mid block's resnets differ from the others in an int output_scale_factor alone), and the
+    app compiled the 28th itself on every first start."""
+    from diffusers import I2VGenXLUNet
+
+    with torch.device("meta"):
+        config = dict(I2VGenXLUNet().config)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    job = _job(tmp_path, device="cuda", dtype="float16", height=512, width=512, num_frames=16)
+    unet = meta_unet(job)
+    planned = record_region_calls(unet, job)
+
+    graphs: list[int] = []
+
+    def counting(gm, example_inputs):
+        graphs.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    sampler = precompile.SimpleNamespace(device=torch.device("cuda"), offload=False,
+                                         c=precompile.SimpleNamespace(unet=unet), _unet_forward=None)
+    apply_accel(sampler, **precompile._accel_kwargs(job), force=True,
+                compiler=lambda fn, **kw: torch.compile(fn, backend=counting, **kw))
+    try:
+        with torch.no_grad():
+            sample, t, text, fps, latents, emb = precompile.unet_inputs(unet, job, "meta")
+            unet(sample, t, encoder_hidden_states=text, fps=fps, image_latents=latents, image_embeddings=emb,
+                 return_dict=False)
+    finally:
+        remove_accel(sampler)
+        torch._dynamo.reset()
+    assert len(graphs) == len(planned) == 28
+
+
 def test_assign_shares_every_call_once_costliest_first():
     calls = [precompile.RegionCall(f"r{i}", torch.nn.Identity(), (), {}, cost) for i, cost in
              enumerate([9, 1, 5, 5, 3, 8, 2])]

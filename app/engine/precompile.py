@@ -97,7 +97,11 @@ class RegionCall:
 
     def signature(self) -> str:
         params = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.module.named_parameters()]
-        return repr((type(self.module).__name__, params, self.args, sorted(self.kwargs.items())))
+        # Dynamo also specializes on plain attributes: the mid block's resnets have output_scale_factor 1 (an
+        # int), the others 1.0, and that alone makes a graph of its own.
+        attrs = [(n, k, type(v).__name__, v) for n, m in self.module.named_modules() for k, v in vars(m).items()
+                 if type(v) in (bool, int, float, str) and not k.startswith("_")]
+        return repr((type(self.module).__name__, params, attrs, self.args, sorted(self.kwargs.items())))
 
     def key(self) -> str:
         """A short name for the signature: the helpers' progress markers are named by it."""
