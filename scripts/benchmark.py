@@ -595,7 +595,9 @@ def part_oom(ctx):
     # The service's limits stop 1024p x 32 frames before the GPU; lift them for this test only.
     svc.settings.limits.max_resolution, svc.settings.limits.max_frames = 1024, 32
     if ctx.device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(0.25)
+        # A cap of 20 GiB (a quarter of an H100's 80; an H200's quarter, 35 GiB, might hold the run)
+        total = torch.cuda.get_device_properties(ctx.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(0.25, 20 * 2**30 / total))
     message = None
     big = (128, 4) if ctx.args.tiny else (1024, 32)  # the CPU has no memory fraction to hit
     try:
