@@ -393,3 +393,12 @@ def test_the_warm_up_meets_every_region_call_in_the_helpers_markers(tiny_model_d
     assert summary["calls"] == len(planned) and summary["ready"] == len(planned), summary
     assert sorted(p.name for p in (tmp_path / "cache" / "precompile-progress").glob("done-*")) == \
         sorted(f"done-{c.key()}" for c in planned)
+
+
+def test_helpers_count_the_cores_this_process_may_use(monkeypatch):
+    # A container or taskset limit of 8 of a machine's 64 cores: auto starts 4 helpers, not 8.
+    monkeypatch.setattr(precompile.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(precompile.os, "cpu_count", lambda: 64)
+    assert precompile.usable_cpus() == 8 and helper_count("auto") == 4
+    monkeypatch.delattr(precompile.os, "sched_getaffinity", raising=False)
+    assert precompile.usable_cpus() == 64 and helper_count("auto") == 8

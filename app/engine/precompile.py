@@ -287,11 +287,19 @@ def helper_count(setting: int | str, cpus: int | None = None, free_ram_gib: floa
     and its share of Inductor's compile workers comes on top)."""
     if setting != "auto":
         return max(0, int(setting))
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     count = min(MAX_HELPERS, cpus // 2)
     if free_ram_gib is not None:
         count = min(count, int(free_ram_gib // 2.5))
     return count if count >= 4 else 0
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (a container's or taskset's limit), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Windows or macOS
+        return os.cpu_count() or 1
 
 
 def free_ram_gib() -> float | None:
@@ -428,7 +436,7 @@ def start_helpers(job: PrecompileJob, count: int, cache_dir: Path, env: dict[str
     job_file = cache_dir / "precompile-job.json"
     job_file.write_text(json.dumps({**asdict(job), "model_dir": str(Path(job.model_dir).resolve())}),
                         encoding="utf-8")
-    env = {**os.environ, **(env or {}), "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
+    env = {**os.environ, **(env or {}), "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, usable_cpus() // count))}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
     procs, logs = [], []
