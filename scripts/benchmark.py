@@ -418,8 +418,23 @@ def variant_kwargs(variant: str) -> dict:
 # convolution algorithms at the first call of each shape instead of taking its heuristic's pick; cdt has
 # Inductor tune its own kernels' block sizes further (coordinate descent); mat has Inductor time Triton
 # matmul templates (with the neighbouring ops fused in) against cuBLAS for every matmul.
+# cl keeps every Conv2d weight channels-last, so on CUDA each convolution's output is channels-last too and
+# the layout carries on into the next layer (the temporal transformers' own `.contiguous()` turns it back).
 STUDY_OPTIONS = {"cudnnbench": {}, "cdt": {"coordinate_descent_tuning": True},
-                 "mat": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}}
+                 "mat": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}, "cl": {}}
+
+
+@contextlib.contextmanager
+def conv_weights_channels_last(module: torch.nn.Module, on: bool):
+    """Study option cl: the Conv2d weights in channels-last memory format for a while (same values)."""
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)] if on else []
+    for m in convs:
+        m.weight.data = m.weight.data.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in convs:
+            m.weight.data = m.weight.data.contiguous()
 
 
 @contextlib.contextmanager
@@ -444,7 +459,7 @@ def part_unetcall(ctx, res, frames):
     options: +conv2d (temporal convs as 2-D), +graphs (CUDA graph of the whole call), +tmath (short-sequence
     temporal attention as two matmuls), +ttri (the same as one Triton kernel), +fp8ff (FP8 feed-forward
     matmuls), +dyn (symbolic height and width), +prof (profile it), and the kernel-tuning studies of
-    STUDY_OPTIONS (+cudnnbench, +cdt, +mat)."""
+    STUDY_OPTIONS (+cudnnbench, +cdt, +mat, +cl)."""
     from app.engine.accel import apply_accel, remove_accel
 
     s = ctx.base_sampler
@@ -461,7 +476,7 @@ def part_unetcall(ctx, res, frames):
         report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
         fn = s.denoise_fn
         try:
-            with study_options(variant):
+            with study_options(variant), conv_weights_channels_last(s.c.unet, "cl" in variant.split("+")):
                 peak_reset(ctx.device)
                 t = time.perf_counter()
                 first = fn(*args).float()

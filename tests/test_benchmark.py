@@ -98,6 +98,29 @@ def test_exact_fp32_runs_in_float32_without_tf32_and_puts_everything_back():
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
 
 
+def test_the_channels_last_study_keeps_the_values_and_puts_the_layout_back():
+    import pytest
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 9, 9)
+    before = net(x)
+    with pytest.raises(RuntimeError, match="inside"):
+        with benchmark.conv_weights_channels_last(net, True):
+            assert all(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+                       for m in (net[0], net[2]))
+            out = net(x)
+            assert out.is_contiguous(memory_format=torch.channels_last)  # the layout carries on
+            assert torch.allclose(out, before, atol=1e-5)
+            raise RuntimeError("inside")
+    assert net[0].weight.is_contiguous() and net[2].weight.is_contiguous()
+    with benchmark.conv_weights_channels_last(net, False):
+        assert net[0].weight.is_contiguous()
+
+
 def test_benchmark_tiny_coldstart_with_a_compile_helper(tmp_path):
     """coldstart's fresh processes with one compile helper (on the CPU it plans and runs the regions without
     compiling): the helper finishes, the app's region calls are all in its plan, and the kept cache is reused."""
