@@ -130,6 +130,8 @@ def test_benchmark_tiny_coldstart_with_a_compile_helper(tmp_path):
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--out", str(out), "--parts", "coldstart",
          "--coldstart-helpers", "1", "--steps", "2"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    failed = out / "coldstart_failed.json"
+    assert not failed.exists(), failed.read_text() + proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "coldstart.json").read_text())
     first = result["empty_cache_helpers_1"]
     assert "error" not in first, first
