@@ -796,7 +796,8 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: st
     t_load = t - t0
     apply_accel(s, **kwargs, force=tiny)
     t_wait = t_tail = 0.0
-    if running is not None and not wait_all:
+    follow = running is not None and not wait_all
+    if follow:
         waiter = running.follow(s.c.unet, kwargs["regions"])  # as the app's loader: each region call waits for its helper
     else:
         waiter = contextlib.nullcontext()
@@ -813,7 +814,7 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: st
     t_warm = time.perf_counter() - t
     t_ready = time.perf_counter() - t0
     regions.stop()
-    if running is not None and not wait_all:
+    if follow:
         t = time.perf_counter()
         helpers_done = {**running.wait(), "warmup_waits": waiter.summary()}
         t_tail = time.perf_counter() - t  # helpers still running after the warm-up: nothing the app waits for

@@ -153,30 +153,43 @@ def _accel_kwargs(job: PrecompileJob) -> dict:
             "temporal_attention": job.temporal_attention, "dynamic_sizes": job.dynamic_sizes, "cuda_graphs": False}
 
 
-class RegionRecorder:
-    """Records each distinct call of the UNet's outermost compile regions while it is installed (a context
-    manager): on the meta UNet to plan the helpers' work, or on the app's UNet to check the plan."""
+class RegionHooks:
+    """While installed (a context manager), `on_call` hears each call of the UNet's outermost compile regions,
+    described as a RegionCall, before the region runs."""
 
     def __init__(self, unet: torch.nn.Module, regions: str):
         self.unet, self.regions = unet, regions
-        self.calls: dict[str, RegionCall] = {}
         self.handles: list[Any] = []
 
-    def __enter__(self) -> "RegionRecorder":
+    def on_call(self, call: RegionCall) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
         names = {id(m): n for n, m in self.unet.named_modules()}
 
-        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            call = region_call(names[id(module)], module, args, kwargs)
-            self.calls.setdefault(call.signature(), call)
+        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self.on_call(region_call(names[id(module)], module, args, kwargs))
 
         for module in _outermost(self.unet, REGION_SETS[self.regions]):
-            self.handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+            self.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+class RegionRecorder(RegionHooks):
+    """Records each distinct call of the UNet's outermost compile regions while it is installed (a context
+    manager): on the meta UNet to plan the helpers' work, or on the app's UNet to check the plan."""
+
+    def __init__(self, unet: torch.nn.Module, regions: str):
+        super().__init__(unet, regions)
+        self.calls: dict[str, RegionCall] = {}
+
+    def on_call(self, call: RegionCall) -> None:
+        self.calls.setdefault(call.signature(), call)
 
 
 def record_region_calls(unet: torch.nn.Module, job: PrecompileJob) -> list[RegionCall]:
@@ -353,7 +366,7 @@ class Helpers:
                 proc.wait()
 
 
-class RegionWaiter:
+class RegionWaiter(RegionHooks):
     """While installed (a context manager), a compile region's call first waits until the helper that
     compiles that call has put it in the cache, so Dynamo then loads it instead of compiling it again. It
     waits for nothing where no helper will bring the call: it is in no helper's share (all shares known),
@@ -362,37 +375,24 @@ class RegionWaiter:
 
     def __init__(self, helpers: Helpers, unet: torch.nn.Module, regions: str, timeout_s: float = HELPER_TIMEOUT_S,
                  poll_s: float = 0.02):
-        self.helpers, self.unet, self.regions = helpers, unet, regions
+        super().__init__(unet, regions)
+        self.helpers = helpers
         self.deadline = helpers.started + timeout_s
         self.poll_s = poll_s
         self.shares: dict[int, set[str]] = {}
         self.settled: dict[str, str] = {}  # call key -> ready | unplanned | helper_gone | timeout
         self.waited_s = 0.0
-        self.handles: list[Any] = []
 
-    def __enter__(self) -> "RegionWaiter":
-        names = {id(m): n for n, m in self.unet.named_modules()}
+    def on_call(self, call: RegionCall) -> None:
+        key = call.key()
+        if key not in self.settled:
+            t = time.perf_counter()
+            self.settled[key] = self.wait_for(key)
+            self.waited_s += time.perf_counter() - t
 
-        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            key = region_call(names[id(module)], module, args, kwargs).key()
-            if key not in self.settled:
-                t = time.perf_counter()
-                self.settled[key] = self.wait_for(key)
-                self.waited_s += time.perf_counter() - t
-
-        for module in _outermost(self.unet, REGION_SETS[self.regions]):
-            self.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _read_shares(self) -> None:
-        progress = self.helpers.progress
+    def _read_shares(self, progress: Path) -> None:
         for i in range(len(self.helpers.procs)):
-            if i not in self.shares and progress is not None:
+            if i not in self.shares:
                 try:
                     self.shares[i] = set(json.loads((progress / f"share-{i}.json").read_text(encoding="utf-8")))
                 except (OSError, ValueError):
@@ -406,7 +406,7 @@ class RegionWaiter:
         while True:
             if marker.exists():
                 return "ready"
-            self._read_shares()
+            self._read_shares(progress)
             owners = [i for i, share in self.shares.items() if key in share]
             if owners:
                 if all(procs[i].poll() is not None for i in owners):
