@@ -109,6 +109,7 @@ class AccelSettings:
     temporal_conv2d: bool = True
     temporal_attention: str = field(default="triton", metadata=_choice("triton", "math", "sdpa"))
     fp8_feedforward: bool = False
+    share_cfg_prefix: bool = True
     dynamic_sizes: bool = False
     cuda_graphs: bool = True
     compile_cache: bool = True

@@ -378,16 +378,19 @@ def kernel_kind(name: str) -> str:
 
 
 def unet_inputs(ctx, res, frames):
-    """One CFG-batched UNet call's inputs at this size: non-zero, seeded, in the model dtype."""
+    """One CFG-batched UNet call's inputs at this size, as the sampler makes them: the same latents and image
+    latents in both halves, the text and image embeddings [uncond, cond] (non-zero, seeded, in the model dtype)."""
     g = torch.Generator("cpu").manual_seed(0)
     unet = ctx.parts["unet"]
-    lat = (2, unet.config.in_channels, frames, res // 8, res // 8)
+    lat = (1, unet.config.in_channels, frames, res // 8, res // 8)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(shape, generator=g) * scale).to(ctx.device, ctx.dtype)
 
-    return (rnd(*lat), torch.tensor(500, device=ctx.device), rnd(2, 77, unet.config.cross_attention_dim, scale=0.5),
-            torch.tensor([8, 8], device=ctx.device), rnd(*lat), rnd(2, unet.config.cross_attention_dim, scale=0.5))
+    emb = rnd(1, unet.config.cross_attention_dim, scale=0.5)
+    return (rnd(*lat).repeat(2, 1, 1, 1, 1), torch.tensor(500, device=ctx.device),
+            rnd(2, 77, unet.config.cross_attention_dim, scale=0.5), torch.tensor([8, 8], device=ctx.device),
+            rnd(*lat).repeat(2, 1, 1, 1, 1), torch.cat([torch.zeros_like(emb), emb]))
 
 
 def variant_kwargs(variant: str) -> dict:
@@ -406,12 +409,12 @@ def variant_kwargs(variant: str) -> dict:
                       "spatiallayers": ("regional", "spatiallayers"),
                       "temporallayers": ("regional", "temporallayers")}[scope_name]
     # prof, cudnnbench, cdt, mat: read by part_unetcall (study_options)
-    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", *STUDY_OPTIONS}
+    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", "share", *STUDY_OPTIONS}
     if unknown:
         raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")
     return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
             "temporal_attention": "triton" if "ttri" in opts else "math" if "tmath" in opts else "sdpa",
-            "fp8_feedforward": "fp8ff" in opts, "dynamic_sizes": "dyn" in opts}
+            "fp8_feedforward": "fp8ff" in opts, "dynamic_sizes": "dyn" in opts, "share_cfg_prefix": "share" in opts}
 
 
 # Study only (part_unetcall): kernel tuning that needs no change to the model. cudnnbench times cuDNN's
@@ -420,8 +423,14 @@ def variant_kwargs(variant: str) -> dict:
 # matmul templates (with the neighbouring ops fused in) against cuBLAS for every matmul.
 # cl keeps every Conv2d weight channels-last, so on CUDA each convolution's output is channels-last too and
 # the layout carries on into the next layer (the temporal transformers' own `.contiguous()` turns it back).
+# sdpaflash, sdpaeff and sdpacudnn give the spatial and cross attention (F.scaled_dot_product_attention) one
+# backend only: FlashAttention-2, memory-efficient, or cuDNN's (on an H200 PyTorch picks cuDNN's by itself). The
+# backend is picked while the graph is traced, so they compile without the graph caches (which may hold the same
+# graph traced with another backend).
+SDPA_OPTIONS = {"sdpaflash": "FLASH_ATTENTION", "sdpaeff": "EFFICIENT_ATTENTION", "sdpacudnn": "CUDNN_ATTENTION"}
 STUDY_OPTIONS = {"cudnnbench": {}, "cdt": {"coordinate_descent_tuning": True},
-                 "mat": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}, "cl": {}}
+                 "mat": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}, "cl": {},
+                 **{name: {"fx_graph_cache": False} for name in SDPA_OPTIONS}}
 
 
 @contextlib.contextmanager
@@ -440,14 +449,19 @@ def conv_weights_channels_last(module: torch.nn.Module, on: bool):
 @contextlib.contextmanager
 def study_options(variant: str):
     """The variant's study options (STUDY_OPTIONS) in force, and put back afterwards."""
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     opts = set(variant.split("+")[1:]) & set(STUDY_OPTIONS)
     patch = {k: v for o in sorted(opts) for k, v in STUDY_OPTIONS[o].items()}
+    backends = [getattr(SDPBackend, SDPA_OPTIONS[o]) for o in sorted(opts & set(SDPA_OPTIONS))]
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark or "cudnnbench" in opts
     try:
-        with inductor_config.patch(patch):
+        with inductor_config.patch(patch), functorch_config.patch(enable_autograd_cache=not backends), \
+                (sdpa_kernel(backends) if backends else contextlib.nullcontext()):
             yield
     finally:
         torch.backends.cudnn.benchmark = benchmark
@@ -458,9 +472,11 @@ def part_unetcall(ctx, res, frames):
     peak memory, relative error vs eager fp16. A variant is a scope (eager, blocks, layers, full) plus
     options: +conv2d (temporal convs as 2-D), +graphs (CUDA graph of the whole call), +tmath (short-sequence
     temporal attention as two matmuls), +ttri (the same as one Triton kernel), +fp8ff (FP8 feed-forward
-    matmuls), +dyn (symbolic height and width), +prof (profile it), and the kernel-tuning studies of
-    STUDY_OPTIONS (+cudnnbench, +cdt, +mat, +cl)."""
+    matmuls), +dyn (symbolic height and width), +share (the CFG pair's first layers once), +prof (profile it),
+    and the kernel-tuning studies of
+    STUDY_OPTIONS (+cudnnbench, +cdt, +mat, +cl, +sdpaflash, +sdpaeff, +sdpacudnn)."""
     from app.engine.accel import apply_accel, remove_accel
+    from app.engine.rewrites import cfg_pair
 
     s = ctx.base_sampler
     args = unet_inputs(ctx, res, frames)
@@ -476,7 +492,8 @@ def part_unetcall(ctx, res, frames):
         report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
         fn = s.denoise_fn
         try:
-            with study_options(variant), conv_weights_channels_last(s.c.unet, "cl" in variant.split("+")):
+            with study_options(variant), conv_weights_channels_last(s.c.unet, "cl" in variant.split("+")), \
+                    cfg_pair(s.c.unet):
                 peak_reset(ctx.device)
                 t = time.perf_counter()
                 first = fn(*args).float()
@@ -784,7 +801,7 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: st
     job = PrecompileJob(model_dir=str(folder), device=str(device), dtype=str(dtype).removeprefix("torch."),
                         regions=kwargs["regions"], temporal_conv2d=kwargs["temporal_conv2d"],
                         temporal_attention=kwargs["temporal_attention"], dynamic_sizes=kwargs["dynamic_sizes"],
-                        height=res, width=res, num_frames=frames, cfg=True)
+                        share_cfg_prefix=kwargs["share_cfg_prefix"], height=res, width=res, num_frames=frames, cfg=True)
     cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", folder / "compile-cache" / "inductor")).parent
     running = begin_helpers(job, helpers, cache) if helpers != "0" and kwargs["scope"] == "regional" else None
     t = mark("start_helpers_s", t)
@@ -910,10 +927,10 @@ def main() -> None:
     ap.add_argument("--parts", default="")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--accel", default="layers+conv2d+graphs+ttri",
+    ap.add_argument("--accel", default="layers+conv2d+graphs+ttri+share",
                     help="speedups for the compile parts: a scope (eager, blocks, layers, full) and +conv2d, +graphs, "
                          "+tmath, +ttri (temporal attention as one Triton kernel), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width) "
-                         "(the app's defaults: layers+conv2d+graphs+ttri)")
+                         "+share (a CFG pair's first layers computed once) (the app's defaults: layers+conv2d+graphs+ttri+share)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--temporal-convs", choices=("live", "zero"), default="live",
                     help="full-size model: random temporal convs (live) or diffusers' zero init, PERF.md's recipe (zero)")

@@ -318,3 +318,56 @@ def test_triton_temporal_attention_that_cannot_load_uses_the_matmul_form(sampler
     remove_accel(sampler)
     assert not any(isinstance(getattr(m, "processor", None), ShortSequenceAttention)
                    for m in sampler.c.unet.modules())
+
+
+def _frames(sampler, req):
+    frames, _, _ = sampler.generate(req)
+    return frames
+
+
+def test_shared_cfg_prefix_gives_the_same_video_and_halves_the_first_layers(sampler, image_rgb):
+    req = _req(image_rgb)
+    expected = _frames(sampler, req)
+    report = apply_accel(sampler, "off", share_cfg_prefix=True, force=True)
+    assert report.share_cfg_prefix and report.compile == "off"
+    batches = []
+    first = sampler.c.unet.down_blocks[0].resnets[0]
+    hook = first.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]) and None)
+    got = _frames(sampler, req)
+    hook.remove()
+    assert batches and all(b == req.num_frames for b in batches), batches  # one video's frames, not two
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert sampler.c.unet._shared_cfg_prefix.on is False  # only during the denoising loop
+    # No guidance, no pair: the whole (single) batch runs, the same as without the rewrite.
+    single = replace(req, guidance_scale=1.0)
+    remove_accel(sampler)
+    plain = _frames(sampler, single)
+    apply_accel(sampler, "off", share_cfg_prefix=True, force=True)
+    assert torch.equal(_frames(sampler, single), plain)
+
+
+def test_a_failing_shared_cfg_prefix_falls_back_to_the_plain_unet(sampler, image_rgb, monkeypatch, caplog):
+    from app.engine import rewrites
+
+    req = _req(image_rgb)
+    expected = _frames(sampler, req)
+    report = apply_accel(sampler, "off", share_cfg_prefix=True, force=True)
+
+    def broken(*a, **k):
+        raise RuntimeError("halves went missing")
+
+    monkeypatch.setattr(rewrites, "_half", broken)
+    with caplog.at_level(logging.WARNING):
+        got = _frames(sampler, req)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not report.share_cfg_prefix and report.notes[0].startswith("a UNet speedup failed (RuntimeError: halves")
+    assert "running eager instead" in caplog.text
+    assert not hasattr(sampler.c.unet, "_shared_cfg_prefix")
+
+
+def test_shared_cfg_prefix_is_skipped_off_cuda_and_in_low_vram_mode(sampler):
+    report = apply_accel(sampler, "off", share_cfg_prefix=True)
+    assert not report.share_cfg_prefix and "not on a CUDA device" in report.notes[0]
+    sampler.offload = True
+    report = apply_accel(sampler, "off", share_cfg_prefix=True, force=True)
+    assert not report.share_cfg_prefix and "low-VRAM" in report.notes[0]

@@ -143,3 +143,57 @@ def test_benchmark_tiny_coldstart_with_a_compile_helper(tmp_path):
     waits = first["helpers"]["warmup_waits"]
     assert waits["calls"] == waits["ready"] == first["region_calls"], waits
     assert first["ready_s"] >= first["load_s"] and "kept_cache_helpers_1" in result
+
+
+def test_benchmark_tiny_unet_call_with_the_shared_cfg_prefix(tmp_path):
+    """unetcall's inputs are a CFG pair as the sampler makes it (the same latents in both halves), so the shared
+    prefix (+share) computes the same call as the plain UNet."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--out", str(out), "--parts", "unetcall512",
+         "--variants", "eager+share"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and not (out / "unetcall512_failed.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads((out / "unetcall512.json").read_text())["variants"]["eager+share"]
+    assert row["report"]["share_cfg_prefix"] is True and row["report"]["notes"] == []
+    assert row["rel_err_vs_eager"] < 1e-5 and row["first_rel_err_vs_eager"] < 1e-5
+
+
+def test_the_attention_backend_studies_allow_one_backend_and_put_the_rest_back():
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    cuda = torch.backends.cuda
+    flags = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with benchmark.study_options("layers+conv2d+sdpaflash"):
+        assert cuda.flash_sdp_enabled() and not cuda.mem_efficient_sdp_enabled() and not cuda.math_sdp_enabled()
+        # Traced afresh: a cached graph may hold another backend's kernel.
+        assert not inductor_config.fx_graph_cache and not functorch_config.enable_autograd_cache
+    with benchmark.study_options("layers+sdpaeff"):
+        assert cuda.mem_efficient_sdp_enabled() and not cuda.flash_sdp_enabled()
+    assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == flags
+    assert benchmark.variant_kwargs("layers+sdpacudnn+share")["share_cfg_prefix"] is True
+
+
+def test_the_conv_study_forms_compute_the_temporal_convolution():
+    """scripts/conv_study.py's matmul forms of a (3, 1, 1) convolution give the convolution's numbers (CPU, fp32)."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import conv_study
+
+    b, f, hw, c, co = 2, 5, 6, 8, 4
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = torch.randn(b, f, hw, c, generator=g), torch.randn(co, c, 3, generator=g), torch.randn(co, generator=g)
+    ref = F.conv2d(x.permute(0, 3, 1, 2), w[..., None], bias, padding=(1, 0)).permute(0, 2, 3, 1)
+    forms = conv_study.forms(x, w, bias)
+    assert set(forms) == {"conv", "conv_wcl", "gemm", "cat+gemm", "3gemm"}
+    for name, fn in forms.items():
+        got = conv_study.as_cl(fn(), b, f, hw)
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5), name

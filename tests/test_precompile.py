@@ -29,6 +29,7 @@ from app.engine.precompile import (
     meta_unet,
     record_region_calls,
 )
+from app.engine.rewrites import cfg_pair
 from app.engine.sampler import SampleRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _job(model_dir: Path, **kw) -> PrecompileJob:
     base = dict(model_dir=str(model_dir), device="cpu", dtype="float32", regions="layers", temporal_conv2d=True,
-                temporal_attention="math", dynamic_sizes=False, height=64, width=64, num_frames=4, cfg=True)
+                temporal_attention="math", dynamic_sizes=False, share_cfg_prefix=True, height=64, width=64, num_frames=4, cfg=True)
     return PrecompileJob(**{**base, **kw})
 
 
@@ -68,8 +69,8 @@ def test_the_meta_plan_is_the_apps_region_calls_and_dynamos_graphs(tiny_engine, 
 
     torch._dynamo.reset()
     s = tiny_engine.sampler
-    apply_accel(s, "regional", regions=regions, temporal_conv2d=True, temporal_attention="math", force=True,
-                compiler=lambda fn, **kw: torch.compile(fn, backend=counting, **kw))
+    apply_accel(s, "regional", regions=regions, temporal_conv2d=True, temporal_attention="math", share_cfg_prefix=True,
+                force=True, compiler=lambda fn, **kw: torch.compile(fn, backend=counting, **kw))
     try:
         with RegionRecorder(s.c.unet, regions) as seen:
             s(_request(pil_image))
@@ -80,11 +81,13 @@ def test_the_meta_plan_is_the_apps_region_calls_and_dynamos_graphs(tiny_engine, 
     assert len(graphs) == len(planned)
 
 
-def test_the_full_size_plan_has_one_call_per_dynamo_graph(tmp_path):
+@pytest.mark.parametrize("share, expected", [(False, 28), (True, 30)])
+def test_the_full_size_plan_has_one_call_per_dynamo_graph(tmp_path, share, expected):
     """On the real architecture (diffusers' default I2VGenXLUNet config, on the meta device) at 512p x 16 frames
     the plan names one distinct call per graph Dynamo makes for the regions: 28, where a plan that saw only the
     tensors had 27 (the mid block's resnets differ from the others in an int output_scale_factor alone), and the
-    app compiled the 28th itself on every first start."""
+    app compiled the 28th itself on every first start. The shared CFG prefix runs the first resnet and temporal
+    convolution at half the batch, two more graphs (the first temporal transformer is one of its own anyway)."""
     from diffusers import I2VGenXLUNet
 
     with torch.device("meta"):
@@ -93,7 +96,7 @@ def test_the_full_size_plan_has_one_call_per_dynamo_graph(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
-    job = _job(tmp_path, device="cuda", dtype="float16", height=512, width=512, num_frames=16)
+    job = _job(tmp_path, device="cuda", dtype="float16", height=512, width=512, num_frames=16, share_cfg_prefix=share)
     unet = meta_unet(job)
     planned = record_region_calls(unet, job)
 
@@ -109,14 +112,14 @@ def test_the_full_size_plan_has_one_call_per_dynamo_graph(tmp_path):
     apply_accel(sampler, **precompile._accel_kwargs(job), force=True,
                 compiler=lambda fn, **kw: torch.compile(fn, backend=counting, **kw))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), cfg_pair(unet):
             sample, t, text, fps, latents, emb = precompile.unet_inputs(unet, job, "meta")
             unet(sample, t, encoder_hidden_states=text, fps=fps, image_latents=latents, image_embeddings=emb,
                  return_dict=False)
     finally:
         remove_accel(sampler)
         torch._dynamo.reset()
-    assert len(graphs) == len(planned) == 28
+    assert len(graphs) == len(planned) == expected
 
 
 def test_assign_shares_every_call_once_costliest_first():
@@ -150,7 +153,7 @@ print(json.dumps(run_helper(job, int(sys.argv[2]), int(sys.argv[3]), compiler=to
 _APP = """
 import json, sys, torch
 from PIL import Image
-from app.engine.accel import apply_accel
+from app.engine.accel import apply_accel, remove_accel
 from app.engine.components import load_components
 from app.engine.precompile import RegionRecorder
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
@@ -159,7 +162,10 @@ model, paths = sys.argv[1], set(json.loads(sys.argv[2]))
 from pathlib import Path
 s = I2VGenXLSampler(load_components(Path(model), dtype=torch.float32, variant=""), "cpu", torch.float32)
 s.place()
-# The regions the helper compiled, called with the arguments the app's own UNet call gives them.
+# The regions the helper compiled, called with the arguments the app's own UNet call gives them (its rewrites in
+# place, not yet compiled).
+apply_accel(s, "regional", regions="layers", temporal_conv2d=True, temporal_attention="math", share_cfg_prefix=True,
+            compiler=lambda fn, **_: fn, force=True)
 args = {}
 names = {id(m): n for n, m in s.c.unet.named_modules()}
 hooks = [m.register_forward_pre_hook(lambda m, a, k: args.setdefault(names[id(m)], (a, k)), with_kwargs=True)
@@ -169,7 +175,8 @@ s(SampleRequest(image=img, prompt="a", negative_prompt="", height=64, width=64, 
                 guidance_scale=9.0, seed=0))
 for h in hooks:
     h.remove()
-apply_accel(s, "regional", regions="layers", temporal_conv2d=True, temporal_attention="math",
+remove_accel(s)
+apply_accel(s, "regional", regions="layers", temporal_conv2d=True, temporal_attention="math", share_cfg_prefix=True,
             compiler=torch.compile, force=True)
 modules = dict(s.c.unet.named_modules())
 with torch.no_grad():
@@ -380,7 +387,7 @@ def test_the_warm_up_meets_every_region_call_in_the_helpers_markers(tiny_model_d
     s = I2VGenXLSampler(load_components(tiny_model_dir, dtype=torch.float32, variant=""), "cpu", torch.float32)
     s.place()
     apply_accel(s, "regional", regions="layers", temporal_conv2d=True, temporal_attention="math",
-                compiler=lambda fn, **_: fn, force=True)
+                share_cfg_prefix=True, compiler=lambda fn, **_: fn, force=True)
     try:
         with helpers.follow(s.c.unet, "layers") as waiter:
             s(_request(pil_image, steps=2))

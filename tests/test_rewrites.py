@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.rewrites import ShortSequenceAttention, use_conv2d_for_temporal_convs, use_temporal_attention
+from app.engine.rewrites import (
+    ShortSequenceAttention,
+    cfg_pair,
+    use_conv2d_for_temporal_convs,
+    use_shared_cfg_prefix,
+    use_temporal_attention,
+)
 from randomunet import random_tiny_unet
 from randomunet import run_unet as _run
 from randomunet import unet_inputs as _inputs
@@ -113,3 +119,70 @@ def test_kernel_mode_keeps_the_matmuls_where_the_kernel_does_not_fit(unet):
     assert torch.equal(_run(unet, inputs), _run(unet, inputs))
     assert torch.allclose(_run(unet, inputs), expected, atol=1e-4, rtol=1e-4)
     assert calls == []
+
+
+def _cfg_pair_inputs(unet):
+    """A CFG pair as the sampler makes it: one latent and image latent twice, two different embeddings."""
+    inputs = _inputs(unet)
+    for name in ("sample", "image_latents"):
+        inputs[name] = inputs[name][:1].repeat(2, 1, 1, 1, 1)
+    return inputs
+
+
+def _batches_seen(unet, paths):
+    seen = {}
+    modules = dict(unet.named_modules())
+    hooks = [modules[p].register_forward_pre_hook(lambda m, a, p=p: seen.setdefault(p, a[0].shape[0]) and None) for p in paths]
+    return seen, hooks
+
+
+def test_shared_cfg_prefix_computes_the_first_layers_once_and_matches(unet):
+    inputs = _cfg_pair_inputs(unet)
+    expected = _run(unet, inputs)
+    undo = use_shared_cfg_prefix(unet)
+    paths = ["transformer_in", "down_blocks.0.resnets.0", "down_blocks.0.temp_convs.0", "down_blocks.0.attentions.0",
+             "down_blocks.1.resnets.0"]
+    seen, hooks = _batches_seen(unet, paths)
+    with cfg_pair(unet):
+        got = _run(unet, inputs)
+    frames = inputs["sample"].shape[2]
+    # One half of the batch (frames of one video) up to the first cross-attention, both halves from there on.
+    assert seen == {"transformer_in": frames, "down_blocks.0.resnets.0": frames, "down_blocks.0.temp_convs.0": frames,
+                    "down_blocks.0.attentions.0": 2 * frames, "down_blocks.1.resnets.0": 2 * frames}, seen
+    assert got.abs().mean() > 0.01
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+    for h in hooks:
+        h.remove()
+    undo()
+    assert not hasattr(unet, "_shared_cfg_prefix")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
+    assert torch.equal(_run(unet, inputs), expected)
+
+
+def test_shared_cfg_prefix_is_off_outside_a_cfg_pair(unet):
+    # Halves that differ (not what the sampler makes): outside cfg_pair the UNet computes both, unchanged.
+    inputs = _inputs(unet)
+    expected = _run(unet, inputs)
+    use_shared_cfg_prefix(unet)
+    seen, _ = _batches_seen(unet, ["down_blocks.0.resnets.0"])
+    assert torch.equal(_run(unet, inputs), expected)
+    assert seen["down_blocks.0.resnets.0"] == 2 * inputs["sample"].shape[2]
+    with cfg_pair(unet, on=False):
+        assert torch.equal(_run(unet, inputs), expected)
+    with cfg_pair(unet):
+        pass
+    assert unet._shared_cfg_prefix.on is False
+
+
+def test_shared_cfg_prefix_refuses_an_odd_batch_and_other_unets(unet):
+    use_shared_cfg_prefix(unet)
+    inputs = _cfg_pair_inputs(unet)
+    for name in ("sample", "image_latents"):
+        inputs[name] = inputs[name][:1]
+    for name in ("encoder_hidden_states", "image_embeddings", "fps"):
+        inputs[name] = inputs[name][:1]
+    with cfg_pair(unet), pytest.raises(ValueError, match="a CFG pair needs an even batch, not 1"):
+        _run(unet, inputs)
+    assert use_shared_cfg_prefix(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    with cfg_pair(torch.nn.Linear(2, 2)):  # nothing to switch on: a no-op
+        pass

@@ -17,7 +17,7 @@ import torch
 
 from app.engine.device import is_out_of_memory
 from app.engine.fp8 import fp8_problem, use_fp8_feedforward
-from app.engine.rewrites import use_conv2d_for_temporal_convs, use_temporal_attention
+from app.engine.rewrites import use_conv2d_for_temporal_convs, use_shared_cfg_prefix, use_temporal_attention
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class AccelReport:
     temporal_conv2d: bool = False
     temporal_attention: str = "sdpa"
     fp8_feedforward: bool = False
+    share_cfg_prefix: bool = False
     dynamic_sizes: bool = False
     cache_dir: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -125,13 +126,15 @@ class GuardedDenoiser:
                 raise
             self.failed = True
             self.restore()
-            note = f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); running eager instead"
+            what = "torch.compile" if self.report.compile != "off" else "a UNet speedup"
+            note = f"{what} failed ({type(exc).__name__}: {str(exc)[:200]}); running eager instead"
             self.report.notes.append(note)
             self.report.compile = "off"
             self.report.cuda_graphs = False
             self.report.temporal_conv2d = False
             self.report.temporal_attention = "sdpa"
             self.report.fp8_feedforward = False
+            self.report.share_cfg_prefix = False
             self.report.dynamic_sizes = False
             log.warning(note)
             return self.eager(*args)
@@ -198,7 +201,8 @@ class CudaGraphRunner:
 
 
 def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal_conv2d: bool = False,
-                temporal_attention: str = "sdpa", fp8_feedforward: bool = False, regions: str = "layers",
+                temporal_attention: str = "sdpa", fp8_feedforward: bool = False, share_cfg_prefix: bool = False,
+                regions: str = "layers",
                 dynamic_sizes: bool = False, cache_dir: Path | None = None,
                 compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
     """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
@@ -207,13 +211,16 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     `temporal_conv2d` and `temporal_attention` are exact rewrites (app.engine.rewrites), used with
     compile (the "triton" attention on CUDA with Triton only, else "math"); `fp8_feedforward` runs the
     feed-forward matmuls in FP8 (app.engine.fp8), with compile and where the device supports it;
+    `share_cfg_prefix` computes the layers before the first cross-attention once for a CFG pair (exact,
+    compiled or not; app.engine.rewrites.SharedCfgPrefix);
     `dynamic_sizes` compiles the regions with height and width as symbols, so one compile serves every
     resolution (regional only); `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not.
     Only CUDA gets changed unless `force` (the CPU tests use it, with a fake `compiler`).
     """
     report = AccelReport()
     if sampler.device.type != "cuda" and not force:
-        if scope != "off" or cuda_graphs or temporal_conv2d or temporal_attention != "sdpa" or fp8_feedforward:
+        if (scope != "off" or cuda_graphs or temporal_conv2d or temporal_attention != "sdpa" or fp8_feedforward
+                or share_cfg_prefix):
             report.notes.append("speedups skipped: not on a CUDA device")
         return report
     if sampler.offload:
@@ -262,6 +269,13 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
         else:
             undo.append(use_fp8_feedforward(unet))
             report.fp8_feedforward = True
+    if share_cfg_prefix:
+        undo_share = use_shared_cfg_prefix(unet)
+        if undo_share is None:
+            report.notes.append("shared CFG prefix skipped: the UNet is not built like I2VGen-XL's")
+        else:
+            undo.append(undo_share)
+            report.share_cfg_prefix = True
     eager = sampler._unet_forward
     compiled: Callable[..., torch.Tensor] = eager
     patched: list[torch.nn.Module] = []
@@ -321,7 +335,7 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     if cuda_graphs:
         compiled = CudaGraphRunner(compiled, report)
         report.cuda_graphs = True
-    if report.compile != "off" or report.cuda_graphs:
+    if report.compile != "off" or report.cuda_graphs or report.share_cfg_prefix:
         # A failure may come from a rewrite or FP8 as well as from the compiler: fall back to all of it undone.
         sampler.denoise_fn = GuardedDenoiser(compiled, eager, sampler.undo_accel, report)
     return report

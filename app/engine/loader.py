@@ -78,8 +78,8 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
         sampler.place()
         report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs,
                              temporal_conv2d=accel.temporal_conv2d, temporal_attention=accel.temporal_attention,
-                             fp8_feedforward=accel.fp8_feedforward, dynamic_sizes=accel.dynamic_sizes,
-                             regions=accel.regions, cache_dir=cache)
+                             fp8_feedforward=accel.fp8_feedforward, share_cfg_prefix=accel.share_cfg_prefix,
+                             dynamic_sizes=accel.dynamic_sizes, regions=accel.regions, cache_dir=cache)
         warmup_s = None
         helpers_done = None
         if report.compile != "off" and accel.warmup:
@@ -120,7 +120,7 @@ def precompile_job(settings: Settings, model_dir: Any, dev: torch.device, dtype:
     return PrecompileJob(model_dir=str(model_dir), device=str(dev), dtype=str(dtype).removeprefix("torch."),
                          regions=accel.regions, temporal_conv2d=accel.temporal_conv2d,
                          temporal_attention=accel.temporal_attention, dynamic_sizes=accel.dynamic_sizes,
-                         height=d.resolution, width=d.resolution, num_frames=d.num_frames,
+                         share_cfg_prefix=accel.share_cfg_prefix, height=d.resolution, width=d.resolution, num_frames=d.num_frames,
                          cfg=d.guidance_scale > 1.0)
 
 

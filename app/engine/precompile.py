@@ -37,6 +37,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from app.engine.accel import REGION_SETS, _outermost, apply_accel, compile_cache_env, remove_accel
+from app.engine.rewrites import cfg_pair
 from app.engine.sampler import CLIP_MAX_TOKENS
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class PrecompileJob:
     temporal_conv2d: bool
     temporal_attention: str
     dynamic_sizes: bool
+    share_cfg_prefix: bool
     height: int  # in pixels
     width: int
     num_frames: int
@@ -150,7 +152,8 @@ def unet_inputs(unet: torch.nn.Module, job: PrecompileJob, device: torch.device 
 
 def _accel_kwargs(job: PrecompileJob) -> dict:
     return {"scope": "regional", "regions": job.regions, "temporal_conv2d": job.temporal_conv2d,
-            "temporal_attention": job.temporal_attention, "dynamic_sizes": job.dynamic_sizes, "cuda_graphs": False}
+            "temporal_attention": job.temporal_attention, "dynamic_sizes": job.dynamic_sizes, "cuda_graphs": False,
+            "share_cfg_prefix": job.share_cfg_prefix}
 
 
 class RegionHooks:
@@ -199,7 +202,8 @@ def record_region_calls(unet: torch.nn.Module, job: PrecompileJob) -> list[Regio
     # Rewrites on, regions "compiled" to themselves: the calls are recorded as the compiled app makes them.
     apply_accel(sampler, **_accel_kwargs(job), compiler=lambda fn, **_: fn, force=True)
     try:
-        with RegionRecorder(unet, job.regions) as recorder, torch.no_grad():
+        # As the sampler calls it: a CFG pair's shared first layers see one half of the batch.
+        with RegionRecorder(unet, job.regions) as recorder, cfg_pair(unet, job.cfg), torch.no_grad():
             sample, t, text, fps, latents, emb = unet_inputs(unet, job, "meta")
             unet(sample, t, encoder_hidden_states=text, fps=fps, image_latents=latents, image_embeddings=emb,
                  return_dict=False)

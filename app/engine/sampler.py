@@ -20,6 +20,7 @@ from PIL import Image
 
 from app.engine.components import Components
 from app.engine.imageops import center_crop_resize, clip_input
+from app.engine.rewrites import cfg_pair
 from app.errors import CancelledError
 
 CLIP_MAX_TOKENS = 77
@@ -283,7 +284,8 @@ class I2VGenXLSampler:
         if will_compile is not None and will_compile((2 if do_cfg else 1, *shape[1:])):
             # The first step at a new size compiles first; say so rather than look stuck at step 0.
             notify(Progress("compile", 0, 1, 0.0, None))
-        with self._on_device(self.c.unet):
+        # A CFG pair's halves differ only in the embeddings: the shared first layers may compute one half.
+        with self._on_device(self.c.unet), cfg_pair(self.c.unet, do_cfg):
             for i, t in enumerate(table.timesteps):
                 check_cancel()
                 model_in = torch.cat([x, x]) if do_cfg else x
