@@ -337,6 +337,9 @@ def part_ours(ctx, res, frames, variant):
     s = ctx.base_sampler
     report = None
     if variant != "eager" and not getattr(s, "_bench_variant", None):
+        # Dynamo keeps its graphs on the layers' code objects: an earlier part's variant (unetcall's) would
+        # otherwise be reused wherever its guards pass.
+        torch._dynamo.reset()
         report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
         s._bench_variant = variant
     stats, out = run_ours(ctx, s, req, shared, ctx.args.runs)
@@ -409,10 +412,11 @@ def variant_kwargs(variant: str) -> dict:
                       "spatiallayers": ("regional", "spatiallayers"),
                       "temporallayers": ("regional", "temporallayers")}[scope_name]
     # prof, cudnnbench, cdt, mat: read by part_unetcall (study_options)
-    unknown = set(opts) - {"conv2d", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", "share", *STUDY_OPTIONS}
+    unknown = set(opts) - {"conv2d", "tmm", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", "share", *STUDY_OPTIONS}
     if unknown:
         raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")
     return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
+            "temporal_conv_matmul": "tmm" in opts,
             "temporal_attention": "triton" if "ttri" in opts else "math" if "tmath" in opts else "sdpa",
             "fp8_feedforward": "fp8ff" in opts, "dynamic_sizes": "dyn" in opts, "share_cfg_prefix": "share" in opts}
 

@@ -39,6 +39,7 @@ class AccelReport:
     regions: str | None = None  # with regional: a key of REGION_SETS
     cuda_graphs: bool = False
     temporal_conv2d: bool = False
+    temporal_conv_matmul: bool = False
     temporal_attention: str = "sdpa"
     fp8_feedforward: bool = False
     share_cfg_prefix: bool = False
@@ -132,6 +133,7 @@ class GuardedDenoiser:
             self.report.compile = "off"
             self.report.cuda_graphs = False
             self.report.temporal_conv2d = False
+            self.report.temporal_conv_matmul = False
             self.report.temporal_attention = "sdpa"
             self.report.fp8_feedforward = False
             self.report.share_cfg_prefix = False
@@ -201,7 +203,8 @@ class CudaGraphRunner:
 
 
 def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal_conv2d: bool = False,
-                temporal_attention: str = "sdpa", fp8_feedforward: bool = False, share_cfg_prefix: bool = False,
+                temporal_attention: str = "sdpa", temporal_conv_matmul: bool = False,
+                fp8_feedforward: bool = False, share_cfg_prefix: bool = False,
                 regions: str = "layers",
                 dynamic_sizes: bool = False, cache_dir: Path | None = None,
                 compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
@@ -238,9 +241,10 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
         scope = "off"
     # The rewrites pay off once compiled (measured on an H100); eager, the 2-D form of the temporal
     # convolutions measured 2 % slower, so they go with compile only.
-    if scope != "off" and temporal_conv2d:
-        undo.append(use_conv2d_for_temporal_convs(unet))
-        report.temporal_conv2d = True
+    if scope != "off" and (temporal_conv2d or temporal_conv_matmul):
+        undo.append(use_conv2d_for_temporal_convs(unet, matmul=temporal_conv_matmul))
+        report.temporal_conv2d = not temporal_conv_matmul
+        report.temporal_conv_matmul = temporal_conv_matmul
     if scope != "off" and temporal_attention == "triton" and (sampler.device.type != "cuda" or not has_triton()):
         # The fused kernel runs on CUDA through Triton only; the two-matmul form computes the same.
         report.notes.append("Triton temporal attention needs CUDA and Triton; using the matmul form")

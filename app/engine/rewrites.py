@@ -29,17 +29,36 @@ def _frame_conv_forward(self: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, y.shape[1], f, h, w)
 
 
+def _frame_conv_matmul_forward(self: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A (k, 1, 1) Conv3d over (B, C, F, H, W) computed as one matmul: each pixel's channels at the k frames
+    around it side by side (the input's frame neighbours, C*k long, in the weight's own (C, k) order), times the
+    weight as a (C_out, C*k) matrix. The same sums; alone, cuBLAS runs that product at 410-700 TFLOP/s on an
+    H200 where cuDNN's convolution of these shapes reached 230-500 (scripts/conv_study.py). In the compiled UNet
+    it measured slower (121.4 vs 113.7 ms per call, session 10): gathering the neighbours costs more than the
+    GEMM saves. A benchmark study only (`+tmm`), not a config switch."""
+    b, c, f, h, w = x.shape
+    k, p = self.kernel_size[0], self.padding[0]
+    xt = x.permute(0, 2, 3, 4, 1)  # (B, F, H, W, C)
+    if p:
+        xt = F.pad(xt, (0, 0, 0, 0, 0, 0, p, p))
+    f_out = xt.shape[1] - k + 1
+    cols = torch.stack([xt[:, i:i + f_out] for i in range(k)], dim=-1).reshape(b, f_out, h, w, c * k)
+    y = F.linear(cols, self.weight.reshape(self.out_channels, c * k), self.bias)
+    return y.permute(0, 4, 1, 2, 3)
+
+
 def _is_frame_conv(m: torch.nn.Module) -> bool:
     return (isinstance(m, torch.nn.Conv3d) and m.kernel_size[1:] == (1, 1) and m.stride == (1, 1, 1)
             and m.dilation == (1, 1, 1) and m.groups == 1 and m.padding_mode == "zeros"
             and not isinstance(m.padding, str) and tuple(m.padding[1:]) == (0, 0))
 
 
-def use_conv2d_for_temporal_convs(unet: torch.nn.Module) -> Callable[[], None]:
-    """Run every temporal (k, 1, 1) Conv3d as a 2-D convolution."""
+def use_conv2d_for_temporal_convs(unet: torch.nn.Module, matmul: bool = False) -> Callable[[], None]:
+    """Run every temporal (k, 1, 1) Conv3d as a 2-D convolution, or with `matmul` as one matrix product."""
     patched = [m for m in unet.modules() if _is_frame_conv(m)]
+    forward = _frame_conv_matmul_forward if matmul else _frame_conv_forward
     for m in patched:
-        m.forward = types.MethodType(_frame_conv_forward, m)
+        m.forward = types.MethodType(forward, m)
 
     def undo() -> None:
         for m in patched:
