@@ -329,19 +329,27 @@ def _errors(ctx, res, frames_out):
     return errs
 
 
-def part_ours(ctx, res, frames, variant):
+def accelerated(ctx, variant):
+    """The base sampler with the variant's speedups applied, once per run: its report, or None where an earlier
+    part applied them already."""
     from app.engine.accel import apply_accel
 
+    s = ctx.base_sampler
+    if getattr(s, "_bench_variant", None):
+        return None
+    # Dynamo keeps its graphs on the layers' code objects: an earlier part's variant (unetcall's) would
+    # otherwise be reused wherever its guards pass.
+    torch._dynamo.reset()
+    report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
+    s._bench_variant = variant
+    return report
+
+
+def part_ours(ctx, res, frames, variant):
     req = ctx.request(res, frames)
     shared = ctx.shared_inputs(req)
     s = ctx.base_sampler
-    report = None
-    if variant != "eager" and not getattr(s, "_bench_variant", None):
-        # Dynamo keeps its graphs on the layers' code objects: an earlier part's variant (unetcall's) would
-        # otherwise be reused wherever its guards pass.
-        torch._dynamo.reset()
-        report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
-        s._bench_variant = variant
+    report = accelerated(ctx, variant) if variant != "eager" else None
     stats, out = run_ours(ctx, s, req, shared, ctx.args.runs)
     f = floor_s(req)
     name = f"{'compile' if variant != 'eager' else 'ours'}{res}"
@@ -607,6 +615,7 @@ def _image_array(ctx) -> np.ndarray:
 def part_stability(ctx):
     from app.service import GenerationRequest
 
+    accelerated(ctx, ctx.args.accel)  # the app's speedups, where no earlier part applied them
     svc, real_writer = _service(ctx, Path(tempfile.mkdtemp()))
     alloc, times, failures = [], [], []
     n = 3 if ctx.args.tiny else 20
@@ -618,7 +627,8 @@ def part_stability(ctx):
         except Exception as exc:
             failures.append(f"run {i + 1}: {type(exc).__name__}: {exc}")
         alloc.append(torch.cuda.memory_allocated() / 2 ** 20 if ctx.device.type == "cuda" else 0.0)
-    ctx.save("stability", {"runs": n, "failures": failures, "allocated_mib_after_each": alloc,
+    ctx.save("stability", {"accel": getattr(ctx.base_sampler, "_bench_variant", "eager"), "runs": n,
+                           "failures": failures, "allocated_mib_after_each": alloc,
                            "drift_mib_run2_to_last": alloc[-1] - alloc[1], "median_total_s": statistics.median(times),
                            "mp4_written": real_writer})
 
@@ -753,9 +763,13 @@ def part_appstart(ctx):
     for label in ("first_start", "restart"):
         before = folder_mib(torch_default)
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--app-start"], env=env, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--app-start"], env={**env, "TORCH_LOGS": "recompiles"},
+                             capture_output=True, text=True)
         wall = time.perf_counter() - t
         inner = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-2000:]}
+        # The app's own log lines (warm-up, helpers) and Dynamo's recompile reasons
+        inner["log"] = [line[-600:] for line in out.stderr.splitlines()
+                        if "__recompiles" in line or line.startswith("app.")][:300]
         results[label] = {"wall_s": wall, **inner, "cache_mib": {p.name: folder_mib(p) for p in
                                                                  sorted((models / ".compile-cache").glob("*"))},
                           "torch_default_cache_grew_mib": folder_mib(torch_default) - before}
@@ -765,12 +779,23 @@ def part_appstart(ctx):
 def app_start() -> None:
     """Child process of `appstart`: what start_app.py's model loading does, timed."""
     t0 = time.perf_counter()
+    import logging
+
     from app.config import load_settings
     from app.engine.loader import load_engine
 
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the app's log lines, to stderr
+
     engine = load_engine(load_settings())
-    print(json.dumps({"load_engine_s": time.perf_counter() - t0, "warmup_s": engine.warmup_s,
-                      "accel": asdict(engine.accel), "cache_env": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}))
+    load_s = time.perf_counter() - t0
+    out = {"load_engine_s": load_s, "warmup_s": engine.warmup_s, "accel": asdict(engine.accel),
+           "cache_env": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "helpers": engine.helpers}
+    if engine.accel.compile != "off":  # which graphs came from the cache, and where Dynamo's time went
+        from torch._dynamo.utils import compile_times, counters
+
+        out.update(counters={k: dict(v) for k, v in counters.items()},
+                   dynamo_compile_times=compile_times(repr="str", aggregate=True))
+    print(json.dumps(out, default=str))
 
 
 def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: str = "0") -> None:
