@@ -748,32 +748,51 @@ def folder_mib(path: Path) -> float:
 
 
 def part_appstart(ctx):
-    """The app's own start-up (load_engine with configs/config.yaml) in two fresh processes that share a fresh
-    models/ folder: the first start compiles, the restart should find the compile cache there."""
+    """The app's own start-up (load_engine with configs/config.yaml) in fresh processes that share a fresh
+    models/ folder: the first start compiles, the restarts should find the compile cache there. Each start then
+    makes the same short video (3 steps at the default size), and its frames are compared with the first start's.
+
+    `--appstart-configs` runs this once per comma-separated entry, each with its own models/ folder: "default",
+    or config overrides joined by "+" (e.g. "accel.dynamo_cache=false")."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     folder = saved_model(ctx)
-    models = ctx.out / "app-models"
-    shutil.rmtree(models, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-    env.update(I2V_MODEL__SOURCE=str(folder), I2V_PATHS__MODELS=str(models),
-               I2V_MODEL__VARIANT="" if ctx.args.tiny else "fp16")
     torch_default = Path(default_cache_dir())
     results = {}
-    for label in ("first_start", "restart"):
-        before = folder_mib(torch_default)
-        t = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--app-start"], env={**env, "TORCH_LOGS": "recompiles"},
-                             capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        inner = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-2000:]}
-        # The app's own log lines (warm-up, helpers) and Dynamo's recompile reasons
-        inner["log"] = [line[-600:] for line in out.stderr.splitlines()
-                        if "__recompiles" in line or line.startswith("app.")][:300]
-        results[label] = {"wall_s": wall, **inner, "cache_mib": {p.name: folder_mib(p) for p in
-                                                                 sorted((models / ".compile-cache").glob("*"))},
-                          "torch_default_cache_grew_mib": folder_mib(torch_default) - before}
-    ctx.save("appstart", results)
+    for config in ctx.args.appstart_configs.split(","):
+        models = ctx.out / f"app-models-{len(results)}"
+        shutil.rmtree(models, ignore_errors=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+        env.update(I2V_MODEL__SOURCE=str(folder), I2V_PATHS__MODELS=str(models),
+                   I2V_MODEL__VARIANT="" if ctx.args.tiny else "fp16")
+        for item in filter(None, config.split("+")):
+            if item != "default":
+                key, value = item.split("=", 1)
+                env["I2V_" + key.upper().replace(".", "__")] = value
+        starts = {}
+        for i in range(ctx.args.appstart_starts):
+            label = "first_start" if i == 0 else "restart" if i == 1 else f"restart{i}"
+            frames = ctx.out / f"frames-{len(results)}-{label}.npy"
+            before = folder_mib(torch_default)
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--app-start"],
+                                 env={**env, "TORCH_LOGS": "recompiles", "I2V_BENCH_FRAMES": str(frames)},
+                                 capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            inner = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-2000:]}
+            # The app's own log lines (warm-up, helpers) and Dynamo's recompile reasons
+            inner["log"] = [line[-600:] for line in out.stderr.splitlines()
+                            if "__recompiles" in line or line.startswith("app.")][:300]
+            first = ctx.out / f"frames-{len(results)}-first_start.npy"
+            if frames.is_file() and first.is_file():
+                a, b = np.load(first).astype(np.float64), np.load(frames).astype(np.float64)
+                inner["frames_vs_first_start"] = {"max_abs": float(np.abs(a - b).max()),
+                                                  "rel": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))}
+            starts[label] = {"wall_s": wall, **inner, "cache_mib": {p.name: folder_mib(p) for p in
+                                                                    sorted((models / ".compile-cache").glob("*"))},
+                             "torch_default_cache_grew_mib": folder_mib(torch_default) - before}
+            results[config] = starts
+            ctx.save("appstart", results)  # after every start: a device call's time limit keeps what finished
 
 
 def app_start() -> None:
@@ -786,10 +805,27 @@ def app_start() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the app's log lines, to stderr
 
-    engine = load_engine(load_settings())
+    settings = load_settings()
+    engine = load_engine(settings)
     load_s = time.perf_counter() - t0
     out = {"load_engine_s": load_s, "warmup_s": engine.warmup_s, "accel": asdict(engine.accel),
            "cache_env": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "helpers": engine.helpers}
+    if os.environ.get("I2V_BENCH_FRAMES"):  # the same short video in every start, to compare their frames
+        from PIL import Image
+
+        from app.engine.sampler import SampleRequest
+
+        d = settings.defaults
+        size = d if engine.device.type == "cuda" else settings.demo  # a CPU (the tiny test model): demo-sized
+        res = size.resolution
+        image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (res, res, 3), np.uint8))
+        t = time.perf_counter()
+        result = engine.sampler(SampleRequest(image=image, prompt="a red fox running", negative_prompt=d.negative_prompt,
+                                              height=res, width=res, num_frames=size.num_frames, fps=size.fps,
+                                              steps=3, guidance_scale=size.guidance_scale, seed=1,
+                                              decode_chunk_size=d.decode_chunk_size))
+        out["probe_s"] = time.perf_counter() - t
+        np.save(os.environ["I2V_BENCH_FRAMES"], result.frames_thwc_uint8)
     if engine.accel.compile != "off":  # which graphs came from the cache, and where Dynamo's time went
         from torch._dynamo.utils import compile_times, counters
 
@@ -974,6 +1010,10 @@ def main() -> None:
     ap.add_argument("--helpers", default="0", help=argparse.SUPPRESS)
     ap.add_argument("--first-result")
     ap.add_argument("--app-start", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--appstart-configs", default="default",
+                    help="appstart: comma-separated configs, each 'default' or overrides joined by '+', "
+                         "e.g. default,accel.dynamo_cache=false")
+    ap.add_argument("--appstart-starts", type=int, default=2, help="appstart: starts per config (first, restarts)")
     args = ap.parse_args()
     if args.first_result:
         first_result(Path(args.first_result), args.steps, args.tiny, args.accel, args.helpers)
