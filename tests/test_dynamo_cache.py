@@ -23,6 +23,16 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(accel.dynamo_cache_problem() is not None, reason="this torch has no Dynamo cache")
 
 
+@pytest.fixture
+def sampler(tiny_model_dir):
+    from app.engine.components import load_components
+    from app.engine.sampler import I2VGenXLSampler
+
+    s = I2VGenXLSampler(load_components(tiny_model_dir, dtype=torch.float32), "cpu", torch.float32)
+    s.place()
+    return s
+
+
 def _job(model_dir: Path, **kw) -> PrecompileJob:
     base = dict(model_dir=str(model_dir), device="cpu", dtype="float32", regions="layers", temporal_conv2d=True,
                 temporal_attention="math", dynamic_sizes=False, share_cfg_prefix=True, height=64, width=64,
@@ -165,3 +175,26 @@ def test_a_restart_loads_the_traced_code_instead_of_tracing(tiny_model_dir, tmp_
     assert restart["stats"].get("calls_captured", 0) == 0 and restart["stats"].get("unique_graphs", 0) == 0, restart
     before, after = torch.load(tmp_path / "first"), torch.load(tmp_path / "restart")
     assert all(torch.equal(x, y) for x, y in zip(before, after)) and len(after) == 3
+
+
+def test_an_entry_torch_cannot_load_is_dropped_and_the_regions_compile_without_it(sampler, tmp_path, caplog):
+    folder = tmp_path / "dynamo" / "job"
+    (folder / "entry").mkdir(parents=True)
+    wrapped = []
+
+    def compiler(fn, **kw):  # what torch.compile does when its cache entry is unreadable: raise while wrapping
+        if torch._dynamo.config.caching_precompile:
+            raise AssertionError("Name '__builtins_dict___2' already exists in scope")
+        wrapped.append(fn)
+        return fn
+
+    report = accel.apply_accel(sampler, "regional", compiler=compiler, force=True, dynamo_cache=True,
+                               dynamo_cache_dir=folder)
+    try:
+        assert report.compile == "regional" and report.dynamo_cache is None and wrapped
+        assert report.notes == ["Dynamo cache dropped (AssertionError: Name '__builtins_dict___2' already exists "
+                                "in scope); tracing afresh"]
+        assert "tracing afresh" in caplog.text
+        assert not folder.exists() and torch._dynamo.config.caching_precompile is False
+    finally:
+        accel.remove_accel(sampler)

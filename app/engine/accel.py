@@ -382,26 +382,32 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                 if hasattr(dyn, "accumulated_recompile_limit"):
                     dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit,
                                                           16 * REGIONAL_RECOMPILE_LIMIT)
+                undo_dynamo = None
                 if dynamo_cache:
                     problem = dynamo_cache_problem()
                     if problem:
                         report.notes.append(f"Dynamo cache off: {problem}")
                     else:
-                        undo.append(use_dynamo_cache(dynamo_cache_dir))
+                        undo_dynamo = use_dynamo_cache(dynamo_cache_dir)
+                        undo.append(undo_dynamo)
                         report.dynamo_cache = str(dynamo_cache_dir) if dynamo_cache_dir is not None else None
-                # One compiled function per region class, bound to each of its modules: Dynamo keeps one cache of
-                # graphs per code object either way, but its on-disk cache holds one entry per compiled function
-                # (several wrappers of one function clash when loaded).
-                by_class: dict[Any, Callable[..., Any]] = {}
-                for module in _outermost(unet, REGION_SETS[regions]):
-                    fn = type(module).forward
-                    if fn not in by_class:
-                        # dynamic=None, not True: only the dimensions marked by the hook become symbols.
-                        by_class[fn] = compiler(fn, fullgraph=True, dynamic=None if dynamic_sizes else False)
-                    module.forward = types.MethodType(by_class[fn], module)
-                    patched.append(module)
-                    if dynamic_sizes:
-                        hooks.append(module.register_forward_pre_hook(_mark_spatial_dynamic, with_kwargs=True))
+                try:
+                    _compile_regions(unet, regions, compiler, dynamic_sizes, patched, hooks)
+                except Exception as exc:
+                    if undo_dynamo is None:
+                        raise
+                    # torch loads the Dynamo cache while wrapping: an entry it cannot read must not cost the
+                    # compile. Forget the folder and compile without it.
+                    restore()
+                    undo_dynamo()
+                    undo.remove(undo_dynamo)
+                    if dynamo_cache_dir is not None:
+                        drop_dynamo_cache(dynamo_cache_dir)
+                    report.dynamo_cache = None
+                    note = f"Dynamo cache dropped ({type(exc).__name__}: {str(exc)[:200]}); tracing afresh"
+                    report.notes.append(note)
+                    log.warning(note)
+                    _compile_regions(unet, regions, compiler, dynamic_sizes, patched, hooks)
                 report.dynamic_sizes = dynamic_sizes
             elif scope == "full":
                 if dynamic_sizes:
@@ -424,6 +430,23 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
         # A failure may come from a rewrite or FP8 as well as from the compiler: fall back to all of it undone.
         sampler.denoise_fn = GuardedDenoiser(compiled, eager, sampler.undo_accel, report)
     return report
+
+
+def _compile_regions(unet: torch.nn.Module, regions: str, compiler: Callable[..., Any], dynamic_sizes: bool,
+                     patched: list[torch.nn.Module], hooks: list[Any]) -> None:
+    """Compile the UNet's outermost modules of the region set: one compiled function per region class, bound to
+    each of its modules. Dynamo keeps one cache of graphs per code object either way, but its on-disk cache holds
+    one entry per compiled function (several wrappers of one function clash when loaded)."""
+    by_class: dict[Any, Callable[..., Any]] = {}
+    for module in _outermost(unet, REGION_SETS[regions]):
+        fn = type(module).forward
+        if fn not in by_class:
+            # dynamic=None, not True: only the dimensions marked by the hook become symbols.
+            by_class[fn] = compiler(fn, fullgraph=True, dynamic=None if dynamic_sizes else False)
+        module.forward = types.MethodType(by_class[fn], module)
+        patched.append(module)
+        if dynamic_sizes:
+            hooks.append(module.register_forward_pre_hook(_mark_spatial_dynamic, with_kwargs=True))
 
 
 def remove_accel(sampler: Any) -> None:
