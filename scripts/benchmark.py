@@ -753,14 +753,14 @@ def part_appstart(ctx):
     makes the same short video (3 steps at the default size), and its frames are compared with the first start's.
 
     `--appstart-configs` runs this once per comma-separated entry, each with its own models/ folder: "default",
-    or config overrides joined by "+" (e.g. "accel.dynamo_cache=false")."""
+    or config overrides joined by "+" (e.g. "accel.temporal_attention=math")."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     folder = saved_model(ctx)
     torch_default = Path(default_cache_dir())
     results = {}
-    for config in ctx.args.appstart_configs.split(","):
-        models = ctx.out / f"app-models-{len(results)}"
+    for index, config in enumerate(ctx.args.appstart_configs.split(",")):
+        models = ctx.out / f"app-models-{index}"
         shutil.rmtree(models, ignore_errors=True)
         env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
         env.update(I2V_MODEL__SOURCE=str(folder), I2V_PATHS__MODELS=str(models),
@@ -772,7 +772,7 @@ def part_appstart(ctx):
         starts = {}
         for i in range(ctx.args.appstart_starts):
             label = "first_start" if i == 0 else "restart" if i == 1 else f"restart{i}"
-            frames = ctx.out / f"frames-{len(results)}-{label}.npy"
+            frames = ctx.out / f"frames-{index}-{label}.npy"
             before = folder_mib(torch_default)
             t = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--app-start"],
@@ -783,7 +783,7 @@ def part_appstart(ctx):
             # The app's own log lines (warm-up, helpers) and Dynamo's recompile reasons
             inner["log"] = [line[-600:] for line in out.stderr.splitlines()
                             if "__recompiles" in line or line.startswith("app.")][:300]
-            first = ctx.out / f"frames-{len(results)}-first_start.npy"
+            first = ctx.out / f"frames-{index}-first_start.npy"
             if frames.is_file() and first.is_file():
                 a, b = np.load(first).astype(np.float64), np.load(frames).astype(np.float64)
                 inner["frames_vs_first_start"] = {"max_abs": float(np.abs(a - b).max()),
@@ -816,13 +816,14 @@ def app_start() -> None:
         from app.engine.sampler import SampleRequest
 
         d = settings.defaults
-        size = d if engine.device.type == "cuda" else settings.demo  # a CPU (the tiny test model): demo-sized
-        res = size.resolution
+        res, frames = d.resolution, d.num_frames
+        if engine.device.type != "cuda":  # a CPU (the tiny test model): at most demo-sized
+            res, frames = min(res, settings.demo.resolution), min(frames, settings.demo.num_frames)
         image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (res, res, 3), np.uint8))
         t = time.perf_counter()
         result = engine.sampler(SampleRequest(image=image, prompt="a red fox running", negative_prompt=d.negative_prompt,
-                                              height=res, width=res, num_frames=size.num_frames, fps=size.fps,
-                                              steps=3, guidance_scale=size.guidance_scale, seed=1,
+                                              height=res, width=res, num_frames=frames, fps=d.fps, steps=3,
+                                              guidance_scale=d.guidance_scale, seed=1,
                                               decode_chunk_size=d.decode_chunk_size))
         out["probe_s"] = time.perf_counter() - t
         np.save(os.environ["I2V_BENCH_FRAMES"], result.frames_thwc_uint8)
@@ -1012,7 +1013,7 @@ def main() -> None:
     ap.add_argument("--app-start", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--appstart-configs", default="default",
                     help="appstart: comma-separated configs, each 'default' or overrides joined by '+', "
-                         "e.g. default,accel.dynamo_cache=false")
+                         "e.g. default,accel.temporal_attention=math")
     ap.add_argument("--appstart-starts", type=int, default=2, help="appstart: starts per config (first, restarts)")
     args = ap.parse_args()
     if args.first_result:

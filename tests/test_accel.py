@@ -52,19 +52,14 @@ def test_regional_compile_wraps_only_repeated_blocks(sampler, image_rgb):
     wrapped = []
 
     def recording_compiler(fn, **kw):
-        wrapped.append((fn.__qualname__.split(".")[0], kw))
+        wrapped.append((type(fn.__self__).__name__, kw))
         return fn
 
     report = apply_accel(sampler, "regional", compiler=recording_compiler, force=True)
     assert report.compile == "regional"
-    names = [name for name, _ in wrapped]
-    # One compile per region class (Dynamo's disk cache keeps one entry per compiled function), bound to
-    # every module of that class.
-    assert names and set(names) <= set(REGION_SETS["layers"]) and len(names) == len(set(names))
+    names = {name for name, _ in wrapped}
+    assert names and names <= set(REGION_SETS["layers"])
     assert all(kw == {"fullgraph": True, "dynamic": False} for _, kw in wrapped)
-    regions = [m for m in sampler.c.unet.modules() if "forward" in m.__dict__ and type(m).__name__ in names]
-    assert len(regions) > len(names)
-    assert all(m.forward.__self__ is m and m.forward.__func__ is type(m).forward for m in regions)
     assert sampler(_req(image_rgb)).frames_thwc_uint8.shape == (4, 64, 64, 3)
 
 

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 # fp32ref512 first: then ref512 also reports diffusers' own error vs fp32, the yardstick for ours.
 PARTS = ("load", "fp32ref512", "ref512", "compile512", "lowvram", "stability", "sizeswitch")
@@ -197,3 +199,23 @@ def test_the_conv_study_forms_compute_the_temporal_convolution():
     for name, fn in forms.items():
         got = conv_study.as_cl(fn(), b, f, hw)
         assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5), name
+
+
+def test_benchmark_tiny_appstart_restarts_make_the_same_frames_and_take_config_overrides(tmp_path):
+    """appstart's fresh processes on the app's own load_engine: each start makes the same short video, compared
+    with the first start's frames; a config entry's overrides reach the child's settings (here the default size,
+    which the probe uses)."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--out", str(out), "--parts", "appstart",
+         "--appstart-configs", "defaults.resolution=64+defaults.num_frames=2", "--appstart-starts", "2"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and not (out / "appstart_failed.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    starts = json.loads((out / "appstart.json").read_text())["defaults.resolution=64+defaults.num_frames=2"]
+    assert set(starts) == {"first_start", "restart"}
+    for start in starts.values():
+        assert "error" not in start, start["error"]
+        assert start["load_engine_s"] > 0 and start["probe_s"] > 0
+    assert starts["restart"]["frames_vs_first_start"] == {"max_abs": 0.0, "rel": 0.0}
+    assert np.load(out / "frames-0-restart.npy").shape == (2, 64, 64, 3)

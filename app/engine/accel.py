@@ -1,7 +1,7 @@
 """GPU speedups for the UNet: torch.compile (regional or whole-model), CUDA graphs of the whole UNet
 call, the exact rewrites of app.engine.rewrites (with app.engine.triton_attention's kernel), FP8
-feed-forward matmuls (app.engine.fp8), an on-disk compile cache, and Dynamo's own cache of its traced
-code, so a restart skips tracing. Every speedup falls back with a warning, never a crash.
+feed-forward matmuls (app.engine.fp8), and an on-disk compile cache. Every speedup falls back with a
+warning, never a crash.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +45,6 @@ class AccelReport:
     share_cfg_prefix: bool = False
     dynamic_sizes: bool = False
     cache_dir: str | None = None
-    dynamo_cache: str | None = None  # the folder of Dynamo's traced-code cache, when it is used
     notes: list[str] = field(default_factory=list)
 
 
@@ -96,67 +93,6 @@ def use_compile_cache(cache_dir: Path) -> None:
             clear_caches()
         except ImportError:  # older torch: nothing memoized to clear
             pass
-
-
-def dynamo_cache_problem() -> str | None:
-    """Why this torch cannot keep Dynamo's traced code on disk (torch.compile's "caching precompile"), or None."""
-    try:
-        from torch._dynamo import package
-        from torch._dynamo.precompile_context import PrecompileContext
-    except ImportError as exc:
-        return f"this torch has no Dynamo cache ({exc})"
-    if not (hasattr(torch._dynamo.config, "caching_precompile") and hasattr(package, "DynamoCache")
-            and hasattr(PrecompileContext, "save_to_dynamo_cache")):
-        return f"torch {torch.__version__} has no Dynamo cache"
-    return None
-
-
-def use_dynamo_cache(folder: Path | None) -> Callable[[], None]:
-    """Turn on Dynamo's caching precompile: each torch.compile'd function's traced bytecode, guards and compiled
-    graphs are loaded from `folder` when torch.compile wraps it, and `save_dynamo_cache` writes them there. A
-    restart then skips Dynamo's tracing (5 s of the 13 s restart warm-up on an H200) as well as Inductor.
-
-    torch keys its entries by function name and line only, not by the settings or the compile backend, so
-    `folder` must be one per job (the loader uses PrecompileJob.key()). Compile helpers turn it on with no
-    folder: the setting also changes the format of AOTAutograd's cache entries, which must match the app's.
-    Returns the undo."""
-    from torch._dynamo import package
-
-    config = torch._dynamo.config
-    prior = config.caching_precompile
-    config.caching_precompile = True
-    store = package.DynamoCache
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        store.path_prefix = lambda: str(folder)  # shadows the method: torch's default is <inductor cache>/dynamo
-
-    def undo() -> None:
-        config.caching_precompile = prior
-        store.__dict__.pop("path_prefix", None)
-
-    return undo
-
-
-def save_dynamo_cache(report: AccelReport) -> bool:
-    """Write what Dynamo traced so far to the report's Dynamo cache folder (after the warm-up). A failure is a
-    note: the next start traces again."""
-    if report.dynamo_cache is None or report.compile == "off":
-        return False
-    try:
-        from torch._dynamo.precompile_context import PrecompileContext
-
-        PrecompileContext.save_to_dynamo_cache()
-        return True
-    except Exception as exc:
-        note = f"Dynamo cache not saved ({type(exc).__name__}: {str(exc)[:200]}); the next start traces again"
-        report.notes.append(note)
-        log.warning(note)
-        return False
-
-
-def drop_dynamo_cache(folder: Path) -> None:
-    """Forget a Dynamo cache folder (after a failure while it was in use), so the next start traces afresh."""
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 class GuardedDenoiser:
@@ -271,7 +207,6 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                 fp8_feedforward: bool = False, share_cfg_prefix: bool = False,
                 regions: str = "layers",
                 dynamic_sizes: bool = False, cache_dir: Path | None = None,
-                dynamo_cache: bool = False, dynamo_cache_dir: Path | None = None,
                 compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
     """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
 
@@ -282,9 +217,7 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     `share_cfg_prefix` computes the layers before the first cross-attention once for a CFG pair (exact,
     compiled or not; app.engine.rewrites.SharedCfgPrefix);
     `dynamic_sizes` compiles the regions with height and width as symbols, so one compile serves every
-    resolution (regional only); `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not;
-    `dynamo_cache` turns on Dynamo's caching precompile (regional only, `use_dynamo_cache`), loading from and
-    saving to `dynamo_cache_dir` when given.
+    resolution (regional only); `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not.
     Only CUDA gets changed unless `force` (the CPU tests use it, with a fake `compiler`).
     """
     report = AccelReport()
@@ -382,32 +315,12 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                 if hasattr(dyn, "accumulated_recompile_limit"):
                     dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit,
                                                           16 * REGIONAL_RECOMPILE_LIMIT)
-                undo_dynamo = None
-                if dynamo_cache:
-                    problem = dynamo_cache_problem()
-                    if problem:
-                        report.notes.append(f"Dynamo cache off: {problem}")
-                    else:
-                        undo_dynamo = use_dynamo_cache(dynamo_cache_dir)
-                        undo.append(undo_dynamo)
-                        report.dynamo_cache = str(dynamo_cache_dir) if dynamo_cache_dir is not None else None
-                try:
-                    _compile_regions(unet, regions, compiler, dynamic_sizes, patched, hooks)
-                except Exception as exc:
-                    if undo_dynamo is None:
-                        raise
-                    # torch loads the Dynamo cache while wrapping: an entry it cannot read must not cost the
-                    # compile. Forget the folder and compile without it.
-                    restore()
-                    undo_dynamo()
-                    undo.remove(undo_dynamo)
-                    if dynamo_cache_dir is not None:
-                        drop_dynamo_cache(dynamo_cache_dir)
-                    report.dynamo_cache = None
-                    note = f"Dynamo cache dropped ({type(exc).__name__}: {str(exc)[:200]}); tracing afresh"
-                    report.notes.append(note)
-                    log.warning(note)
-                    _compile_regions(unet, regions, compiler, dynamic_sizes, patched, hooks)
+                for module in _outermost(unet, REGION_SETS[regions]):
+                    # dynamic=None, not True: only the dimensions marked by the hook become symbols.
+                    module.forward = compiler(module.forward, fullgraph=True, dynamic=None if dynamic_sizes else False)
+                    patched.append(module)
+                    if dynamic_sizes:
+                        hooks.append(module.register_forward_pre_hook(_mark_spatial_dynamic, with_kwargs=True))
                 report.dynamic_sizes = dynamic_sizes
             elif scope == "full":
                 if dynamic_sizes:
@@ -430,23 +343,6 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
         # A failure may come from a rewrite or FP8 as well as from the compiler: fall back to all of it undone.
         sampler.denoise_fn = GuardedDenoiser(compiled, eager, sampler.undo_accel, report)
     return report
-
-
-def _compile_regions(unet: torch.nn.Module, regions: str, compiler: Callable[..., Any], dynamic_sizes: bool,
-                     patched: list[torch.nn.Module], hooks: list[Any]) -> None:
-    """Compile the UNet's outermost modules of the region set: one compiled function per region class, bound to
-    each of its modules. Dynamo keeps one cache of graphs per code object either way, but its on-disk cache holds
-    one entry per compiled function (several wrappers of one function clash when loaded)."""
-    by_class: dict[Any, Callable[..., Any]] = {}
-    for module in _outermost(unet, REGION_SETS[regions]):
-        fn = type(module).forward
-        if fn not in by_class:
-            # dynamic=None, not True: only the dimensions marked by the hook become symbols.
-            by_class[fn] = compiler(fn, fullgraph=True, dynamic=None if dynamic_sizes else False)
-        module.forward = types.MethodType(by_class[fn], module)
-        patched.append(module)
-        if dynamic_sizes:
-            hooks.append(module.register_forward_pre_hook(_mark_spatial_dynamic, with_kwargs=True))
 
 
 def remove_accel(sampler: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +14,7 @@ from PIL import Image
 from app.config import Settings
 from app.engine import device as gpu
 from app.engine.components import load_components, resolve_model_dir, snapshot_revision
-from app.engine.accel import AccelReport, apply_accel, drop_dynamo_cache, has_triton, save_dynamo_cache
+from app.engine.accel import AccelReport, apply_accel, has_triton
 from app.engine.precompile import PrecompileJob, begin_helpers, mark_done
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 from app.engine.tiny import TINY_MODEL_ID, ensure_tiny_model
@@ -68,8 +67,6 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
     cache = settings.path("models") / ".compile-cache" if accel.compile_cache else None
     cached = cache is not None and (cache / "inductor").is_dir() and any((cache / "inductor").iterdir())
     job = precompile_job(settings, model_dir, dev, dtype, offload)
-    # Dynamo's traced code, one folder per job: torch keys it by function only, not by the settings.
-    dynamo_dir = cache / "dynamo" / job.key() if job is not None and job.dynamo_cache and cache is not None else None
     helpers = None
     if job is not None and cache is not None:
         helpers = begin_helpers(job, accel.compile_helpers, cache)
@@ -82,8 +79,7 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
         report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs,
                              temporal_conv2d=accel.temporal_conv2d, temporal_attention=accel.temporal_attention,
                              fp8_feedforward=accel.fp8_feedforward, share_cfg_prefix=accel.share_cfg_prefix,
-                             dynamic_sizes=accel.dynamic_sizes, regions=accel.regions, cache_dir=cache,
-                             dynamo_cache=dynamo_dir is not None, dynamo_cache_dir=dynamo_dir)
+                             dynamic_sizes=accel.dynamic_sizes, regions=accel.regions, cache_dir=cache)
         warmup_s = None
         helpers_done = None
         if report.compile != "off" and accel.warmup:
@@ -104,11 +100,6 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
             # the warm-up compiled (or loaded) every graph of this job, so later starts need no helpers.
             if job is not None and cache is not None and report.compile != "off":
                 mark_done(cache, job, warmup_s)
-            if report.dynamo_cache is not None:
-                if report.compile != "off":
-                    save_dynamo_cache(report)
-                else:  # the compiled UNet failed with it in use: the next start traces afresh
-                    drop_dynamo_cache(Path(report.dynamo_cache))
     finally:
         if helpers is not None:  # loading failed, or nothing is compiled after all: the helpers' work is moot
             helpers.stop()
@@ -130,7 +121,7 @@ def precompile_job(settings: Settings, model_dir: Any, dev: torch.device, dtype:
                          regions=accel.regions, temporal_conv2d=accel.temporal_conv2d,
                          temporal_attention=accel.temporal_attention, dynamic_sizes=accel.dynamic_sizes,
                          share_cfg_prefix=accel.share_cfg_prefix, height=d.resolution, width=d.resolution, num_frames=d.num_frames,
-                         cfg=d.guidance_scale > 1.0, dynamo_cache=accel.dynamo_cache)
+                         cfg=d.guidance_scale > 1.0)
 
 
 def warmup(sampler: I2VGenXLSampler, settings: Settings) -> float:

@@ -63,7 +63,6 @@ class PrecompileJob:
     width: int
     num_frames: int
     cfg: bool  # classifier-free guidance: the UNet is called with a batch of 2
-    dynamo_cache: bool = False  # the app keeps Dynamo's traced code (accel.dynamo_cache): compile in its cache format
 
     def key(self) -> str:
         """Names the cache contents this job produces: a completed warm-up for it is recorded under this key."""
@@ -154,7 +153,7 @@ def unet_inputs(unet: torch.nn.Module, job: PrecompileJob, device: torch.device 
 def _accel_kwargs(job: PrecompileJob) -> dict:
     return {"scope": "regional", "regions": job.regions, "temporal_conv2d": job.temporal_conv2d,
             "temporal_attention": job.temporal_attention, "dynamic_sizes": job.dynamic_sizes, "cuda_graphs": False,
-            "share_cfg_prefix": job.share_cfg_prefix, "dynamo_cache": job.dynamo_cache}
+            "share_cfg_prefix": job.share_cfg_prefix}
 
 
 class RegionHooks:

@@ -53,30 +53,16 @@ def _is_frame_conv(m: torch.nn.Module) -> bool:
             and not isinstance(m.padding, str) and tuple(m.padding[1:]) == (0, 0))
 
 
-class FrameConv2d(torch.nn.Conv3d):
-    """A temporal (k, 1, 1) Conv3d that runs as a (k, 1) Conv2d (`_frame_conv_forward`). The rewrite swaps a
-    module's class rather than patching its `forward`: Dynamo's on-disk cache (accel.dynamo_cache) saves its
-    guards by name, and a class it can import by name survives that where a per-module bound method does not."""
-
-    forward = _frame_conv_forward
-
-
-class FrameConvMatmul(torch.nn.Conv3d):
-    """A temporal (k, 1, 1) Conv3d as one matmul (`_frame_conv_matmul_forward`), swapped in like FrameConv2d."""
-
-    forward = _frame_conv_matmul_forward
-
-
 def use_conv2d_for_temporal_convs(unet: torch.nn.Module, matmul: bool = False) -> Callable[[], None]:
     """Run every temporal (k, 1, 1) Conv3d as a 2-D convolution, or with `matmul` as one matrix product."""
-    patched = [m for m in unet.modules() if _is_frame_conv(m) and type(m) is torch.nn.Conv3d]
-    cls = FrameConvMatmul if matmul else FrameConv2d
+    patched = [m for m in unet.modules() if _is_frame_conv(m)]
+    forward = _frame_conv_matmul_forward if matmul else _frame_conv_forward
     for m in patched:
-        m.__class__ = cls
+        m.forward = types.MethodType(forward, m)
 
     def undo() -> None:
         for m in patched:
-            m.__class__ = torch.nn.Conv3d
+            m.__dict__.pop("forward", None)
 
     return undo
 
