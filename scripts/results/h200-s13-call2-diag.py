@@ -1,3 +1,4 @@
+# Session 13, call 2 diagnostic, as run at commit 6e538aa (apply_accel had dynamo_cache then; it no longer does).
 import sys, traceback, torch
 from pathlib import Path
 from PIL import Image
