@@ -785,9 +785,9 @@ def part_appstart(ctx):
                             if "__recompiles" in line or line.startswith("app.")][:300]
             first = ctx.out / f"frames-{index}-first_start.npy"
             if frames.is_file() and first.is_file():
-                a, b = np.load(first).astype(np.float64), np.load(frames).astype(np.float64)
-                inner["frames_vs_first_start"] = {"max_abs": float(np.abs(a - b).max()),
-                                                  "rel": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))}
+                a, b = torch.from_numpy(np.load(first)), torch.from_numpy(np.load(frames))
+                inner["frames_vs_first_start"] = {"max_abs": float((a.double() - b.double()).abs().max()),
+                                                  "rel": rel_err(b, a)}
             starts[label] = {"wall_s": wall, **inner, "cache_mib": {p.name: folder_mib(p) for p in
                                                                     sorted((models / ".compile-cache").glob("*"))},
                              "torch_default_cache_grew_mib": folder_mib(torch_default) - before}
