@@ -113,6 +113,7 @@ class AccelSettings:
     dynamic_sizes: bool = False
     cuda_graphs: bool = True
     compile_cache: bool = True
+    graph_store: bool = True
     warmup: bool = True
     compile_helpers: str = field(default="auto", metadata=_choice("auto", *map(str, range(9))))
 

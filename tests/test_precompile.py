@@ -146,8 +146,10 @@ def test_helper_count():
 _HELPER = """
 import json, sys, torch
 from app.engine.precompile import PrecompileJob, run_helper
+from pathlib import Path
 job = PrecompileJob(**json.loads(sys.argv[1]))
-print(json.dumps(run_helper(job, int(sys.argv[2]), int(sys.argv[3]), compiler=torch.compile)))
+store = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+print(json.dumps(run_helper(job, int(sys.argv[2]), int(sys.argv[3]), compiler=torch.compile, graph_store=store)))
 """
 
 _APP = """
@@ -176,13 +178,21 @@ s(SampleRequest(image=img, prompt="a", negative_prompt="", height=64, width=64, 
 for h in hooks:
     h.remove()
 remove_accel(s)
-apply_accel(s, "regional", regions="layers", temporal_conv2d=True, temporal_attention="math", share_cfg_prefix=True,
-            compiler=torch.compile, force=True)
+store = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+
+def refuse(fn, **kw):
+    def traced(*a, **k):
+        raise AssertionError("Dynamo was asked to trace a region the helper stored")
+    return traced
+
+report = apply_accel(s, "regional", regions="layers", temporal_conv2d=True, temporal_attention="math",
+                     share_cfg_prefix=True, compiler=refuse if store else torch.compile, force=True, graph_store=store)
 modules = dict(s.c.unet.named_modules())
 with torch.no_grad():
     for path, (a, k) in args.items():
         modules[path](*a, **k)
-print(json.dumps({k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}))
+out = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}
+print(json.dumps({**out, "graph_store": report.graph_store_stats, "notes": report.notes}))
 """
 
 
@@ -207,6 +217,28 @@ def test_a_helpers_compile_is_a_cache_hit_for_the_app(tiny_model_dir, tmp_path):
     assert counters["inductor"].get("fxgraph_cache_hit") == len(paths), counters
     assert "fxgraph_cache_miss" not in counters["inductor"], counters
     assert counters["aot_autograd"].get("autograd_cache_hit") == len(paths), counters
+
+
+def test_a_helpers_graphs_are_stored_and_the_app_runs_them_without_dynamo(tiny_model_dir, tmp_path):
+    """The same with the graph store: the helper saves each of its regions' graphs, and the app process, whose
+    torch.compile would fail if Dynamo were asked, runs those regions from the store."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+           "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    store = tmp_path / "graphs"
+    job = json.dumps(precompile.asdict(_job(tiny_model_dir, graph_store=True)))
+    helper = subprocess.run([sys.executable, "-c", _HELPER, job, "6", "7", str(store)], capture_output=True,
+                            text=True, env=env, cwd=REPO, timeout=300)
+    assert helper.returncode == 0, helper.stderr[-3000:]
+    done = json.loads(helper.stdout.strip().splitlines()[-1])
+    paths = [row["region"] for row in done["compiled"]]
+    assert done["graph_store"]["saved"] == len(paths) >= 2 and done["graph_store"]["failed"] == 0, done
+
+    app = subprocess.run([sys.executable, "-c", _APP, str(tiny_model_dir), json.dumps(paths), str(store)],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert app.returncode == 0, app.stderr[-3000:]
+    result = json.loads(app.stdout.strip().splitlines()[-1])
+    assert result["graph_store"]["loaded"] == len(paths) and result["graph_store"]["failed"] == 0, result
+    assert "fxgraph_cache_miss" not in result.get("inductor", {}), result
 
 
 class FakeHelpers:

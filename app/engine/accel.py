@@ -17,6 +17,7 @@ import torch
 
 from app.engine.device import is_out_of_memory
 from app.engine.fp8 import fp8_problem, use_fp8_feedforward
+from app.engine.graphstore import GraphStore, store_folder
 from app.engine.rewrites import use_conv2d_for_temporal_convs, use_shared_cfg_prefix, use_temporal_attention
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class AccelReport:
     share_cfg_prefix: bool = False
     dynamic_sizes: bool = False
     cache_dir: str | None = None
+    graph_store: str | None = None  # the folder of stored region graphs (app.engine.graphstore), when used
+    graph_store_stats: dict | None = None  # loaded, saved, not_storable, failed: live counts
     notes: list[str] = field(default_factory=list)
 
 
@@ -206,7 +209,7 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                 temporal_attention: str = "sdpa", temporal_conv_matmul: bool = False,
                 fp8_feedforward: bool = False, share_cfg_prefix: bool = False,
                 regions: str = "layers",
-                dynamic_sizes: bool = False, cache_dir: Path | None = None,
+                dynamic_sizes: bool = False, cache_dir: Path | None = None, graph_store: Path | None = None,
                 compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
     """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
 
@@ -217,7 +220,9 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     `share_cfg_prefix` computes the layers before the first cross-attention once for a CFG pair (exact,
     compiled or not; app.engine.rewrites.SharedCfgPrefix);
     `dynamic_sizes` compiles the regions with height and width as symbols, so one compile serves every
-    resolution (regional only); `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not.
+    resolution (regional only); `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not;
+    `graph_store` (a folder) keeps each region's compiled graph there, so later starts run it without
+    Dynamo (app.engine.graphstore; regional compile with static sizes and without FP8 only).
     Only CUDA gets changed unless `force` (the CPU tests use it, with a fake `compiler`).
     """
     report = AccelReport()
@@ -315,9 +320,21 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                 if hasattr(dyn, "accumulated_recompile_limit"):
                     dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit,
                                                           16 * REGIONAL_RECOMPILE_LIMIT)
+                store = None
+                if graph_store is not None and not dynamic_sizes and not report.fp8_feedforward:
+                    # What changes a region's graph but not its call key names the folder.
+                    facts = {"regions": regions, "temporal_conv2d": report.temporal_conv2d,
+                             "temporal_conv_matmul": report.temporal_conv_matmul,
+                             "temporal_attention": report.temporal_attention, "share_cfg_prefix": report.share_cfg_prefix}
+                    store = GraphStore(store_folder(graph_store, sampler.device, facts), notes=report.notes)
+                    report.graph_store, report.graph_store_stats = str(store.folder), store.stats
                 for module in _outermost(unet, REGION_SETS[regions]):
+                    forward = module.forward
                     # dynamic=None, not True: only the dimensions marked by the hook become symbols.
-                    module.forward = compiler(module.forward, fullgraph=True, dynamic=None if dynamic_sizes else False)
+                    options = {"backend": store.backend} if store is not None else {}
+                    compiled_forward = compiler(forward, fullgraph=True, dynamic=None if dynamic_sizes else False,
+                                                **options)
+                    module.forward = store.wrap(module, forward, compiled_forward) if store else compiled_forward
                     patched.append(module)
                     if dynamic_sizes:
                         hooks.append(module.register_forward_pre_hook(_mark_spatial_dynamic, with_kwargs=True))

@@ -15,7 +15,7 @@ from app.config import Settings
 from app.engine import device as gpu
 from app.engine.components import load_components, resolve_model_dir, snapshot_revision
 from app.engine.accel import AccelReport, apply_accel, has_triton
-from app.engine.precompile import PrecompileJob, begin_helpers, mark_done
+from app.engine.precompile import PrecompileJob, begin_helpers, graph_store_root, mark_done
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 from app.engine.tiny import TINY_MODEL_ID, ensure_tiny_model
 
@@ -79,7 +79,8 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
         report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs,
                              temporal_conv2d=accel.temporal_conv2d, temporal_attention=accel.temporal_attention,
                              fp8_feedforward=accel.fp8_feedforward, share_cfg_prefix=accel.share_cfg_prefix,
-                             dynamic_sizes=accel.dynamic_sizes, regions=accel.regions, cache_dir=cache)
+                             dynamic_sizes=accel.dynamic_sizes, regions=accel.regions, cache_dir=cache,
+                             graph_store=graph_store_root(cache) if cache is not None and accel.graph_store else None)
         warmup_s = None
         helpers_done = None
         if report.compile != "off" and accel.warmup:
@@ -121,7 +122,7 @@ def precompile_job(settings: Settings, model_dir: Any, dev: torch.device, dtype:
                          regions=accel.regions, temporal_conv2d=accel.temporal_conv2d,
                          temporal_attention=accel.temporal_attention, dynamic_sizes=accel.dynamic_sizes,
                          share_cfg_prefix=accel.share_cfg_prefix, height=d.resolution, width=d.resolution, num_frames=d.num_frames,
-                         cfg=d.guidance_scale > 1.0)
+                         cfg=d.guidance_scale > 1.0, graph_store=accel.graph_store)
 
 
 def warmup(sampler: I2VGenXLSampler, settings: Settings) -> float:

@@ -37,6 +37,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from app.engine.accel import REGION_SETS, _outermost, apply_accel, compile_cache_env, remove_accel
+from app.engine.regions import RegionCall, TensorSpec, region_call
 from app.engine.rewrites import cfg_pair
 from app.engine.sampler import CLIP_MAX_TOKENS
 
@@ -63,6 +64,7 @@ class PrecompileJob:
     width: int
     num_frames: int
     cfg: bool  # classifier-free guidance: the UNet is called with a batch of 2
+    graph_store: bool = False  # helpers also save each graph in the graph store (app.engine.graphstore)
 
     def key(self) -> str:
         """Names the cache contents this job produces: a completed warm-up for it is recorded under this key."""
@@ -77,53 +79,6 @@ def _unet_config_text(model_dir: Path) -> str:
     """The UNet's architecture, without the fields that name where it was saved from."""
     config = json.loads((model_dir / "unet" / "config.json").read_text(encoding="utf-8"))
     return json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    same_as: int | None = None  # index of an earlier tensor of this call that is the same object
-
-
-@dataclass
-class RegionCall:
-    """One distinct call of a compile region: the module (on the meta UNet), its path, and its arguments."""
-
-    path: str
-    module: torch.nn.Module
-    args: tuple
-    kwargs: dict
-    cost: int  # modules inside the region: a proxy for its compile time
-
-    def signature(self) -> str:
-        params = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.module.named_parameters()]
-        # Dynamo also specializes on plain attributes: the mid block's resnets have output_scale_factor 1 (an
-        # int), the others 1.0, and that alone makes a graph of its own.
-        attrs = [(n, k, type(v).__name__, v) for n, m in self.module.named_modules() for k, v in vars(m).items()
-                 if type(v) in (bool, int, float, str) and not k.startswith("_")]
-        return repr((type(self.module).__name__, params, attrs, self.args, sorted(self.kwargs.items())))
-
-    def key(self) -> str:
-        """A short name for the signature: the helpers' progress markers are named by it."""
-        return hashlib.sha256(self.signature().encode()).hexdigest()[:16]
-
-
-def region_call(path: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> RegionCall:
-    """Describe one call of a region by its tensors' shapes, strides and dtypes (and which are the same object)."""
-    seen: dict[int, int] = {}  # id -> index of the tensor's first appearance in this call
-    count = [0]
-
-    def spec(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        same = seen.get(id(x))
-        seen.setdefault(id(x), count[0])
-        count[0] += 1
-        return TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, same)
-
-    return RegionCall(path, module, tree_map(spec, args), tree_map(spec, kwargs), sum(1 for _ in module.modules()))
 
 
 def meta_unet(job: PrecompileJob) -> torch.nn.Module:
@@ -242,8 +197,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_helper(job: PrecompileJob, index: int, count: int, compiler: Any = None, progress: Path | None = None) -> dict:
-    """Compile helper `index`'s share of the region calls into the compile cache (set by the environment).
+def graph_store_root(cache_dir: Path) -> Path:
+    """Where the app and its helpers keep stored region graphs (app.engine.graphstore), in the compile cache."""
+    return cache_dir / "graphs"
+
+
+def run_helper(job: PrecompileJob, index: int, count: int, compiler: Any = None, progress: Path | None = None,
+               graph_store: Path | None = None) -> dict:
+    """Compile helper `index`'s share of the region calls into the compile cache (set by the environment),
+    and with `graph_store` (and the job's graph_store) into that graph store too.
     With `progress`, it writes there the keys of its share (share-INDEX.json) first and a marker for each
     call once compiled (done-KEY), for the app's RegionWaiter."""
     t0 = time.perf_counter()
@@ -257,7 +219,8 @@ def run_helper(job: PrecompileJob, index: int, count: int, compiler: Any = None,
     recorded_s = time.perf_counter() - t0
     sampler = SimpleNamespace(device=device, offload=False, c=SimpleNamespace(unet=unet), _unet_forward=None)
     # The same compile wrapping as the app's (regional, fullgraph, static shapes, the same rewrites and limits).
-    apply_accel(sampler, **_accel_kwargs(job), compiler=compiler, force=device.type != "cuda")
+    report = apply_accel(sampler, **_accel_kwargs(job), compiler=compiler, force=device.type != "cuda",
+                         graph_store=graph_store if job.graph_store else None)
     done = []
     with torch.no_grad():
         for i in share:
@@ -279,7 +242,8 @@ def run_helper(job: PrecompileJob, index: int, count: int, compiler: Any = None,
             del args, kwargs
             module.to_empty(device="meta")  # give the memory back before the next one
     return {"helper": index, "of": count, "distinct_calls": len(calls), "compiled": done,
-            "record_s": recorded_s, "total_s": time.perf_counter() - t0, **_peak_memory(device)}
+            "record_s": recorded_s, "total_s": time.perf_counter() - t0, "graph_store": report.graph_store_stats,
+            "notes": report.notes[:5], **_peak_memory(device)}
 
 
 def _peak_memory(device: torch.device) -> dict:
@@ -491,7 +455,9 @@ def main(argv: list[str]) -> int:
     job_file, index, count = Path(argv[0]), int(argv[1]), int(argv[2])
     progress = Path(argv[3]) if len(argv) > 3 else None
     job = PrecompileJob(**json.loads(job_file.read_text(encoding="utf-8")))
-    print(json.dumps(run_helper(job, index, count, progress=progress)), flush=True)
+    # The job file lies in the compile cache (start_helpers).
+    summary = run_helper(job, index, count, progress=progress, graph_store=graph_store_root(job_file.parent))
+    print(json.dumps(summary), flush=True)
     return 0
 
 
