@@ -340,7 +340,7 @@ def accelerated(ctx, variant):
     # Dynamo keeps its graphs on the layers' code objects: an earlier part's variant (unetcall's) would
     # otherwise be reused wherever its guards pass.
     torch._dynamo.reset()
-    report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
+    report = apply_accel(s, **variant_kwargs(variant, ctx.out / "compile-cache"), force=ctx.args.tiny)
     s._bench_variant = variant
     return report
 
@@ -404,9 +404,10 @@ def unet_inputs(ctx, res, frames):
             rnd(*lat).repeat(2, 1, 1, 1, 1), torch.cat([torch.zeros_like(emb), emb]))
 
 
-def variant_kwargs(variant: str) -> dict:
+def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:
     """'layers+conv2d+graphs' -> apply_accel's arguments. Scopes: eager, blocks, layers, spatiallayers,
-    temporallayers (regional), full."""
+    temporallayers (regional), full. +store keeps the region graphs in a graph store in `cache_dir`, as the app
+    does (app.engine.graphstore)."""
     from app.engine.accel import REGION_SETS
 
     # Study only: one transformer kind compiled whole, the other per block (compile time vs speed).
@@ -420,13 +421,16 @@ def variant_kwargs(variant: str) -> dict:
                       "spatiallayers": ("regional", "spatiallayers"),
                       "temporallayers": ("regional", "temporallayers")}[scope_name]
     # prof, cudnnbench, cdt, mat: read by part_unetcall (study_options)
-    unknown = set(opts) - {"conv2d", "tmm", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", "share", *STUDY_OPTIONS}
+    unknown = set(opts) - {"conv2d", "tmm", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", "share", "store",
+                           *STUDY_OPTIONS}
     if unknown:
         raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")
     return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
             "temporal_conv_matmul": "tmm" in opts,
             "temporal_attention": "triton" if "ttri" in opts else "math" if "tmath" in opts else "sdpa",
-            "fp8_feedforward": "fp8ff" in opts, "dynamic_sizes": "dyn" in opts, "share_cfg_prefix": "share" in opts}
+            "fp8_feedforward": "fp8ff" in opts, "dynamic_sizes": "dyn" in opts, "share_cfg_prefix": "share" in opts,
+            "cache_dir": cache_dir,
+            "graph_store": cache_dir / "graphs" if "store" in opts and cache_dir is not None else None}
 
 
 # Study only (part_unetcall): kernel tuning that needs no change to the model. cudnnbench times cuDNN's
@@ -501,7 +505,7 @@ def part_unetcall(ctx, res, frames):
     rows = {"eager_fp16": {"rel_err_vs_fp32": None if ref32 is None else rel_err(ref, ref32)}}
     for variant in [v for v in ctx.args.variants.split(",") if v]:
         torch._dynamo.reset()
-        report = apply_accel(s, **variant_kwargs(variant), cache_dir=ctx.out / "compile-cache", force=ctx.args.tiny)
+        report = apply_accel(s, **variant_kwargs(variant, ctx.out / "compile-cache"), force=ctx.args.tiny)
         fn = s.denoise_fn
         try:
             with study_options(variant), conv_weights_channels_last(s.c.unet, "cl" in variant.split("+")), \
@@ -723,8 +727,7 @@ def part_sizeswitch(ctx):
     from app.engine.sampler import SampleRequest
 
     s = ctx.base_sampler
-    report = apply_accel(s, **variant_kwargs(ctx.args.accel), cache_dir=ctx.out / "compile-cache",
-                         force=ctx.args.tiny)
+    report = apply_accel(s, **variant_kwargs(ctx.args.accel, ctx.out / "compile-cache"), force=ctx.args.tiny)
     sizes = [(64, 4), (32, 4), (64, 4)] if ctx.args.tiny else [(512, 16), (384, 16), (512, 16)]
     rows, outs = [], []
     for res, frames in sizes:
@@ -862,13 +865,14 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: st
     if device.type == "cuda":
         torch.zeros(1, device=device)
     t = mark("cuda_init_s", t)
-    kwargs = variant_kwargs(variant)
+    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", folder / "compile-cache" / "inductor")).parent
+    kwargs = variant_kwargs(variant, cache)
     res, frames = (64, 4) if tiny else (512, 16)
     job = PrecompileJob(model_dir=str(folder), device=str(device), dtype=str(dtype).removeprefix("torch."),
                         regions=kwargs["regions"], temporal_conv2d=kwargs["temporal_conv2d"],
                         temporal_attention=kwargs["temporal_attention"], dynamic_sizes=kwargs["dynamic_sizes"],
-                        share_cfg_prefix=kwargs["share_cfg_prefix"], height=res, width=res, num_frames=frames, cfg=True)
-    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", folder / "compile-cache" / "inductor")).parent
+                        share_cfg_prefix=kwargs["share_cfg_prefix"], height=res, width=res, num_frames=frames, cfg=True,
+                        graph_store=kwargs["graph_store"] is not None)
     running = begin_helpers(job, helpers, cache) if helpers != "0" and kwargs["scope"] == "regional" else None
     t = mark("start_helpers_s", t)
     c = load_components(folder, dtype=dtype, variant="fp16")
@@ -993,10 +997,11 @@ def main() -> None:
     ap.add_argument("--parts", default="")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--accel", default="layers+conv2d+graphs+ttri+share",
+    ap.add_argument("--accel", default="layers+conv2d+graphs+ttri+share+store",
                     help="speedups for the compile parts: a scope (eager, blocks, layers, full) and +conv2d, +graphs, "
                          "+tmath, +ttri (temporal attention as one Triton kernel), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width) "
-                         "+share (a CFG pair's first layers computed once) (the app's defaults: layers+conv2d+graphs+ttri+share)")
+                         "+share (a CFG pair's first layers computed once), +store (the graph store) "
+                         "(the app's defaults: layers+conv2d+graphs+ttri+share+store)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--temporal-convs", choices=("live", "zero"), default="live",
                     help="full-size model: random temporal convs (live) or diffusers' zero init, PERF.md's recipe (zero)")

@@ -97,6 +97,8 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
                          helpers_done["wall_s"], helpers_done["warmup_waits"]["waited_s"])
             else:
                 warmup_s = warmup(sampler, settings)
+            if report.graph_store_stats is not None:
+                log.info("graph store: %s", ", ".join(f"{v} {k}" for k, v in report.graph_store_stats.items()))
             # Asked again: a compile failure during the warm-up turns compile off (GuardedDenoiser). Still on,
             # the warm-up compiled (or loaded) every graph of this job, so later starts need no helpers.
             if job is not None and cache is not None and report.compile != "off":
