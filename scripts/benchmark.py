@@ -773,6 +773,7 @@ def part_appstart(ctx):
                 key, value = item.split("=", 1)
                 env["I2V_" + key.upper().replace(".", "__")] = value
         starts = {}
+        previous = None
         for i in range(ctx.args.appstart_starts):
             label = "first_start" if i == 0 else "restart" if i == 1 else f"restart{i}"
             frames = ctx.out / f"frames-{index}-{label}.npy"
@@ -786,11 +787,15 @@ def part_appstart(ctx):
             # The app's own log lines (warm-up, helpers) and Dynamo's recompile reasons
             inner["log"] = [line[-600:] for line in out.stderr.splitlines()
                             if "__recompiles" in line or line.startswith("app.")][:300]
-            first = ctx.out / f"frames-{index}-first_start.npy"
-            if frames.is_file() and first.is_file():
-                a, b = torch.from_numpy(np.load(first)), torch.from_numpy(np.load(frames))
-                inner["frames_vs_first_start"] = {"max_abs": float((a.double() - b.double()).abs().max()),
+            # Against the first start, and against the start before (two restarts: the same conditions)
+            for name, other in (("first_start", f"frames-{index}-first_start.npy"),
+                                ("previous_start", previous)):
+                other = ctx.out / other if other else None
+                if frames.is_file() and other is not None and other.is_file():
+                    a, b = torch.from_numpy(np.load(other)), torch.from_numpy(np.load(frames))
+                    inner[f"frames_vs_{name}"] = {"max_abs": float((a.double() - b.double()).abs().max()),
                                                   "rel": rel_err(b, a)}
+            previous = frames.name
             starts[label] = {"wall_s": wall, **inner, "cache_mib": {p.name: folder_mib(p) for p in
                                                                     sorted((models / ".compile-cache").glob("*"))},
                              "torch_default_cache_grew_mib": folder_mib(torch_default) - before}

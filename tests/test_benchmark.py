@@ -209,13 +209,15 @@ def test_benchmark_tiny_appstart_restarts_make_the_same_frames_and_take_config_o
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--out", str(out), "--parts", "appstart",
-         "--appstart-configs", "defaults.resolution=64+defaults.num_frames=2", "--appstart-starts", "2"],
+         "--appstart-configs", "defaults.resolution=64+defaults.num_frames=2", "--appstart-starts", "3"],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0 and not (out / "appstart_failed.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     starts = json.loads((out / "appstart.json").read_text())["defaults.resolution=64+defaults.num_frames=2"]
-    assert set(starts) == {"first_start", "restart"}
+    assert set(starts) == {"first_start", "restart", "restart2"}
     for start in starts.values():
         assert "error" not in start, start["error"]
         assert start["load_engine_s"] > 0 and start["probe_s"] > 0
     assert starts["restart"]["frames_vs_first_start"] == {"max_abs": 0.0, "rel": 0.0}
+    assert starts["restart2"]["frames_vs_previous_start"] == {"max_abs": 0.0, "rel": 0.0}
+    assert "frames_vs_previous_start" not in starts["first_start"]
     assert np.load(out / "frames-0-restart.npy").shape == (2, 64, 64, 3)
