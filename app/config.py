@@ -111,6 +111,7 @@ class AccelSettings:
     fp8_feedforward: bool = False
     share_cfg_prefix: bool = True
     dynamic_sizes: bool = False
+    deterministic: bool = True
     cuda_graphs: bool = True
     compile_cache: bool = True
     graph_store: bool = True

@@ -421,7 +421,7 @@ def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:
                       "spatiallayers": ("regional", "spatiallayers"),
                       "temporallayers": ("regional", "temporallayers")}[scope_name]
     # prof, cudnnbench, cdt, mat: read by part_unetcall (study_options)
-    unknown = set(opts) - {"conv2d", "tmm", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", "share", "store",
+    unknown = set(opts) - {"conv2d", "tmm", "graphs", "prof", "tmath", "ttri", "fp8ff", "dyn", "share", "store", "det",
                            *STUDY_OPTIONS}
     if unknown:
         raise ValueError(f"unknown accel options {sorted(unknown)} in {variant!r}")
@@ -429,7 +429,7 @@ def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:
             "temporal_conv_matmul": "tmm" in opts,
             "temporal_attention": "triton" if "ttri" in opts else "math" if "tmath" in opts else "sdpa",
             "fp8_feedforward": "fp8ff" in opts, "dynamic_sizes": "dyn" in opts, "share_cfg_prefix": "share" in opts,
-            "cache_dir": cache_dir,
+            "deterministic": "det" in opts, "cache_dir": cache_dir,
             "graph_store": cache_dir / "graphs" if "store" in opts and cache_dir is not None else None}
 
 
@@ -877,7 +877,7 @@ def first_result(folder: Path, steps: int, tiny: bool, variant: str, helpers: st
                         regions=kwargs["regions"], temporal_conv2d=kwargs["temporal_conv2d"],
                         temporal_attention=kwargs["temporal_attention"], dynamic_sizes=kwargs["dynamic_sizes"],
                         share_cfg_prefix=kwargs["share_cfg_prefix"], height=res, width=res, num_frames=frames, cfg=True,
-                        graph_store=kwargs["graph_store"] is not None)
+                        graph_store=kwargs["graph_store"] is not None, deterministic=kwargs["deterministic"])
     running = begin_helpers(job, helpers, cache) if helpers != "0" and kwargs["scope"] == "regional" else None
     t = mark("start_helpers_s", t)
     c = load_components(folder, dtype=dtype, variant="fp16")

@@ -45,6 +45,7 @@ class AccelReport:
     fp8_feedforward: bool = False
     share_cfg_prefix: bool = False
     dynamic_sizes: bool = False
+    deterministic: bool = False
     cache_dir: str | None = None
     graph_store: str | None = None  # the folder of stored region graphs (app.engine.graphstore), when used
     graph_store_stats: dict | None = None  # loaded, saved, not_storable, failed: live counts
@@ -209,7 +210,8 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                 temporal_attention: str = "sdpa", temporal_conv_matmul: bool = False,
                 fp8_feedforward: bool = False, share_cfg_prefix: bool = False,
                 regions: str = "layers",
-                dynamic_sizes: bool = False, cache_dir: Path | None = None, graph_store: Path | None = None,
+                dynamic_sizes: bool = False, deterministic: bool = False, cache_dir: Path | None = None,
+                graph_store: Path | None = None,
                 compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
     """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
 
@@ -221,7 +223,8 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     compiled or not; app.engine.rewrites.SharedCfgPrefix);
     `dynamic_sizes` compiles the regions with height and width as symbols, so one compile serves every
     resolution (regional only); `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not;
-    `graph_store` (a folder) keeps each region's compiled graph there, so later starts run it without
+    `deterministic` puts Inductor in its deterministic mode (fixed reduction kernel configs instead of
+    timing them in each process, so a restart computes the same frames); `graph_store` (a folder) keeps each region's compiled graph there, so later starts run it without
     Dynamo (app.engine.graphstore; regional compile with static sizes and without FP8 only).
     Only CUDA gets changed unless `force` (the CPU tests use it, with a fake `compiler`).
     """
@@ -309,6 +312,9 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                 note = f"compile cache not kept in {cache_dir} ({exc.strerror or exc}); restarts will compile again"
                 report.notes.append(note)
                 log.warning(note)
+        # Process-wide: Inductor's kernels read it when they are compiled and when they first run.
+        torch._inductor.config.deterministic = deterministic
+        report.deterministic = deterministic
         try:
             if scope == "regional":
                 # Each block class meets several shapes (4 resolutions, spatial and temporal passes); with
@@ -325,7 +331,8 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                     # What changes a region's graph but not its call key names the folder.
                     facts = {"regions": regions, "temporal_conv2d": report.temporal_conv2d,
                              "temporal_conv_matmul": report.temporal_conv_matmul,
-                             "temporal_attention": report.temporal_attention, "share_cfg_prefix": report.share_cfg_prefix}
+                             "temporal_attention": report.temporal_attention, "share_cfg_prefix": report.share_cfg_prefix,
+                             "deterministic": deterministic}
                     store = GraphStore(store_folder(graph_store, sampler.device, facts), notes=report.notes)
                     report.graph_store, report.graph_store_stats = str(store.folder), store.stats
                 for module in _outermost(unet, REGION_SETS[regions]):

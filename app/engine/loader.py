@@ -79,7 +79,8 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
         report = apply_accel(sampler, accel.compile, cuda_graphs=accel.cuda_graphs,
                              temporal_conv2d=accel.temporal_conv2d, temporal_attention=accel.temporal_attention,
                              fp8_feedforward=accel.fp8_feedforward, share_cfg_prefix=accel.share_cfg_prefix,
-                             dynamic_sizes=accel.dynamic_sizes, regions=accel.regions, cache_dir=cache,
+                             dynamic_sizes=accel.dynamic_sizes, deterministic=accel.deterministic,
+                             regions=accel.regions, cache_dir=cache,
                              graph_store=graph_store_root(cache) if cache is not None and accel.graph_store else None)
         warmup_s = None
         helpers_done = None
@@ -124,7 +125,7 @@ def precompile_job(settings: Settings, model_dir: Any, dev: torch.device, dtype:
                          regions=accel.regions, temporal_conv2d=accel.temporal_conv2d,
                          temporal_attention=accel.temporal_attention, dynamic_sizes=accel.dynamic_sizes,
                          share_cfg_prefix=accel.share_cfg_prefix, height=d.resolution, width=d.resolution, num_frames=d.num_frames,
-                         cfg=d.guidance_scale > 1.0, graph_store=accel.graph_store)
+                         cfg=d.guidance_scale > 1.0, graph_store=accel.graph_store, deterministic=accel.deterministic)
 
 
 def warmup(sampler: I2VGenXLSampler, settings: Settings) -> float:

@@ -64,6 +64,7 @@ class PrecompileJob:
     width: int
     num_frames: int
     cfg: bool  # classifier-free guidance: the UNet is called with a batch of 2
+    deterministic: bool = False  # Inductor's deterministic mode (apply_accel)
     graph_store: bool = False  # helpers also save each graph in the graph store (app.engine.graphstore)
 
     def key(self) -> str:
@@ -108,7 +109,7 @@ def unet_inputs(unet: torch.nn.Module, job: PrecompileJob, device: torch.device 
 def _accel_kwargs(job: PrecompileJob) -> dict:
     return {"scope": "regional", "regions": job.regions, "temporal_conv2d": job.temporal_conv2d,
             "temporal_attention": job.temporal_attention, "dynamic_sizes": job.dynamic_sizes, "cuda_graphs": False,
-            "share_cfg_prefix": job.share_cfg_prefix}
+            "share_cfg_prefix": job.share_cfg_prefix, "deterministic": job.deterministic}
 
 
 class RegionHooks:
