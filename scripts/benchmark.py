@@ -1002,11 +1002,12 @@ def main() -> None:
     ap.add_argument("--parts", default="")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--accel", default="layers+conv2d+graphs+ttri+share+store",
+    ap.add_argument("--accel", default="layers+conv2d+graphs+ttri+share+store+det",
                     help="speedups for the compile parts: a scope (eager, blocks, layers, full) and +conv2d, +graphs, "
                          "+tmath, +ttri (temporal attention as one Triton kernel), +fp8ff (FP8 feed-forward matmuls), +dyn (symbolic height and width) "
-                         "+share (a CFG pair's first layers computed once), +store (the graph store) "
-                         "(the app's defaults: layers+conv2d+graphs+ttri+share+store)")
+                         "+share (a CFG pair's first layers computed once), +store (the graph store), +det (Inductor's "
+                         "deterministic mode) "
+                         "(the app's defaults: layers+conv2d+graphs+ttri+share+store+det)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--temporal-convs", choices=("live", "zero"), default="live",
                     help="full-size model: random temporal convs (live) or diffusers' zero init, PERF.md's recipe (zero)")
