@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -92,8 +93,10 @@ def _refusing_compiler(fn, **kw):
 def test_a_second_start_runs_every_region_from_the_store_and_matches_eager(sampler, image_rgb, tmp_path):
     eager = sampler(_req(image_rgb)).frames_thwc_uint8
     box: list = []
-    report = apply_accel(sampler, "regional", compiler=_store_compiler(box), force=True, share_cfg_prefix=True,
-                         graph_store=tmp_path)
+    # The app's rewrites on (on the CPU the temporal attention's matmul form stands in for the Triton kernel).
+    rewrites = {"share_cfg_prefix": True, "temporal_conv2d": True, "temporal_attention": "math"}
+    report = apply_accel(sampler, "regional", compiler=_store_compiler(box), force=True, graph_store=tmp_path,
+                         **rewrites)
     first = sampler(_req(image_rgb)).frames_thwc_uint8
     stats = dict(report.graph_store_stats)
     remove_accel(sampler)
@@ -109,13 +112,15 @@ def test_a_second_start_runs_every_region_from_the_store_and_matches_eager(sampl
         box.append(store)
         return _refusing_compiler(fn, **kw)
 
-    report2 = apply_accel(sampler, "regional", compiler=load_only, force=True, share_cfg_prefix=True,
-                          graph_store=tmp_path)
+    report2 = apply_accel(sampler, "regional", compiler=load_only, force=True, graph_store=tmp_path, **rewrites)
     second = sampler(_req(image_rgb)).frames_thwc_uint8
     assert report2.graph_store == report.graph_store
     assert report2.graph_store_stats["loaded"] == stats["saved"] and report2.graph_store_stats["failed"] == 0
     assert report2.compile == "regional", report2.notes  # no fallback to eager happened
-    assert (first == eager).all() and (second == eager).all()
+    # The stored graphs compute exactly what the traced ones did; the rewrites round a little differently from
+    # the plain eager UNet (float32 on the CPU).
+    assert (second == first).all()
+    assert np.abs(first.astype(int) - eager.astype(int)).max() <= 1
     assert all(a.calls > 0 for a in FakeArtifact.saved.values())
 
 
@@ -185,7 +190,11 @@ def test_a_graph_whose_inputs_cannot_be_named_is_not_stored(tmp_path):
     # A source that names another tensor than the graph was called with.
     slot["inputs"] = ["L['x']", "L['self']._parameters['weight']"]
     assert store.keep("k", slot, {"self": module, "x": slot["called_with"][0]}, slot["returned"][0]) is None
-    assert store.stats["not_storable"] == 2 and not list(tmp_path.iterdir())
+    # A source that is not a plain name (here a call) is refused too.
+    slot["inputs"] = ["L['x']", "L['self'].weight.zero_()"]
+    assert store.keep("k", slot, {"self": module, "x": slot["called_with"][0]}, slot["returned"][0]) is None
+    assert store.stats["not_storable"] == 3 and not list(tmp_path.iterdir())
+    assert module.weight.abs().sum() > 0  # the refused source was never evaluated
 
 
 def test_with_grad_enabled_the_compiled_way_is_taken(tmp_path):

@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 _CONSTANTS = (type(None), bool, int, float, str)
+_SOURCE = re.compile(r"L\[[^()]*")
 
 
 def store_folder(root: Path, device: torch.device, facts: dict[str, Any]) -> Path:
@@ -66,6 +68,10 @@ class StoredGraph:
     output: Any
 
     def __post_init__(self) -> None:
+        # Dynamo's source names are subscripts and attributes of L only; anything else (a call) is refused.
+        bad = [src for src in self.inputs if not _SOURCE.fullmatch(src)]
+        if bad:
+            raise ValueError(f"not a plain source name: {bad[0][:100]!r}")
         self._getters = [eval(f"lambda L: {src}", {"__builtins__": {}}) for src in self.inputs]  # noqa: S307
 
     def __call__(self, local: dict[str, Any]) -> Any:
