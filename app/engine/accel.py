@@ -1,6 +1,7 @@
 """GPU speedups for the UNet: torch.compile (regional or whole-model), CUDA graphs of the whole UNet
 call, the exact rewrites of app.engine.rewrites (with app.engine.triton_attention's kernel), FP8
-feed-forward matmuls (app.engine.fp8), and an on-disk compile cache. Every speedup falls back with a
+feed-forward matmuls (app.engine.fp8), an on-disk compile cache, and the graph store of compiled
+regions (app.engine.graphstore). Every speedup falls back with a
 warning, never a crash.
 """
 
@@ -224,8 +225,9 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     `dynamic_sizes` compiles the regions with height and width as symbols, so one compile serves every
     resolution (regional only); `cuda_graphs` replays each UNet call as a CUDA graph, compiled or not;
     `deterministic` puts Inductor in its deterministic mode (fixed reduction kernel configs instead of
-    timing them in each process, so a restart computes the same frames); `graph_store` (a folder) keeps each region's compiled graph there, so later starts run it without
-    Dynamo (app.engine.graphstore; regional compile with static sizes and without FP8 only).
+    timing them in each process, so a restart computes the same frames); `graph_store` (a folder) keeps
+    each region's compiled graph there, so later starts run it without Dynamo (app.engine.graphstore;
+    regional compile with static sizes and without FP8 only).
     Only CUDA gets changed unless `force` (the CPU tests use it, with a fake `compiler`).
     """
     report = AccelReport()
