@@ -409,6 +409,7 @@ def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:
     temporallayers (regional), full. +store keeps the region graphs in a graph store in `cache_dir`, as the app
     does (app.engine.graphstore)."""
     from app.engine.accel import REGION_SETS
+    from app.engine.precompile import graph_store_root
 
     # Study only: one transformer kind compiled whole, the other per block (compile time vs speed).
     REGION_SETS.setdefault("spatiallayers", ("Transformer2DModel", "BasicTransformerBlock", "ResnetBlock2D",
@@ -430,7 +431,7 @@ def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:
             "temporal_attention": "triton" if "ttri" in opts else "math" if "tmath" in opts else "sdpa",
             "fp8_feedforward": "fp8ff" in opts, "dynamic_sizes": "dyn" in opts, "share_cfg_prefix": "share" in opts,
             "deterministic": "det" in opts, "cache_dir": cache_dir,
-            "graph_store": cache_dir / "graphs" if "store" in opts and cache_dir is not None else None}
+            "graph_store": graph_store_root(cache_dir) if "store" in opts and cache_dir is not None else None}
 
 
 # Study only (part_unetcall): kernel tuning that needs no change to the model. cudnnbench times cuDNN's

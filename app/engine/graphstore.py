@@ -222,10 +222,9 @@ class GraphStore:
         graph_file, meta_file = self._paths(key)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = graph_file.with_name(graph_file.name + f".{os.getpid()}.tmp")
-            artifact.save(path=str(tmp), format="binary")
-            os.replace(tmp, graph_file)
-            _write_atomic(meta_file, json.dumps({"inputs": inputs, "output": _to_json(output)}))
+            write_atomic(graph_file, lambda tmp: artifact.save(path=str(tmp), format="binary"))
+            meta = json.dumps({"inputs": inputs, "output": _to_json(output)})
+            write_atomic(meta_file, lambda tmp: tmp.write_text(meta, encoding="utf-8"))
         except Exception as exc:
             self._note(f"graph store: could not save {graph_file.name} ({type(exc).__name__}: {str(exc)[:200]})")
             self._graphs[key] = stored
@@ -298,9 +297,11 @@ class StoredRegion:
         return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write` fills a temporary file beside `path`, which then replaces `path` in one step: a reader (another
+    process) sees the old file or the whole new one, never half of it."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    write(tmp)
     os.replace(tmp, path)
 
 

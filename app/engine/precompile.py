@@ -37,6 +37,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from app.engine.accel import REGION_SETS, _outermost, apply_accel, compile_cache_env, remove_accel
+from app.engine.graphstore import write_atomic
 from app.engine.regions import RegionCall, TensorSpec, region_call
 from app.engine.rewrites import cfg_pair
 from app.engine.sampler import CLIP_MAX_TOKENS
@@ -192,12 +193,6 @@ def _materialize(spec: Any, device: torch.device, made: list[torch.Tensor]) -> A
     return t
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def graph_store_root(cache_dir: Path) -> Path:
     """Where the app and its helpers keep stored region graphs (app.engine.graphstore), in the compile cache."""
     return cache_dir / "graphs"
@@ -216,7 +211,8 @@ def run_helper(job: PrecompileJob, index: int, count: int, compiler: Any = None,
     share = assign(calls, count)[index]
     keys = {i: calls[i].key() for i in share}
     if progress is not None:
-        _write_atomic(progress / f"share-{index}.json", json.dumps(list(keys.values())))
+        text = json.dumps(list(keys.values()))
+        write_atomic(progress / f"share-{index}.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     recorded_s = time.perf_counter() - t0
     sampler = SimpleNamespace(device=device, offload=False, c=SimpleNamespace(unet=unet), _unet_forward=None)
     # The same compile wrapping as the app's (regional, fullgraph, static shapes, the same rewrites and limits).
