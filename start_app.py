@@ -76,7 +76,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app import diagnose  # noqa: E402  (stdlib-only at import time: torch is probed lazily)
-from app.engine.components import looks_like_hub_id  # noqa: E402  (stdlib-only too)
+from app.hub import DEFAULT_HUB_ID, looks_like_hub_id  # noqa: E402  (stdlib-only too)
 
 IS_WINDOWS = sys.platform == "win32"
 MARKER_NAME = "i2v-app-install.json"
@@ -88,7 +88,7 @@ DEFAULTS = {
     ("paths", "outputs"): "outputs",
     ("paths", "logs"): "logs",
     ("paths", "models"): "models",
-    ("model", "source"): diagnose.DEFAULT_HUB_ID,
+    ("model", "source"): DEFAULT_HUB_ID,
     ("model", "local_dir"): "models/i2vgen-xl",
 }
 FLAG_HELP_EPILOG = """\
@@ -183,7 +183,7 @@ class LauncherConfig:
     host: str = "127.0.0.1"
     folders: dict[str, str] = field(default_factory=lambda: {"outputs": "outputs", "logs": "logs", "models": "models"})
     model: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(
-        source=diagnose.DEFAULT_HUB_ID, local_dir="models/i2vgen-xl"))
+        source=DEFAULT_HUB_ID, local_dir="models/i2vgen-xl"))
 
     def path(self, name: str) -> Path:
         value = Path(self.folders[name]).expanduser()

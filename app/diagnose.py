@@ -1,7 +1,7 @@
 """Environment check (环境检测): what this machine offers I2VGen-XL, and what to fix.
 
 `python -m app diagnose` and `start_app.py --diagnose` print the report made here. The module
-imports only the standard library (and app.engine.components, which does too), because start_app.py
+imports only the standard library (and app.hub, which does too), because start_app.py
 uses it before anything is installed; torch is probed lazily, in this interpreter or in another one (the project's .venv).
 
 Exit code of `run`: 0 when nothing blocks the app (warnings allowed), 1 when problems were found.
@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.engine.components import snapshot_problem
+from app.hub import DEFAULT_HUB_ID, snapshot_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # PyPI's torch for Windows is CPU-only; PyTorch's own index has the CUDA builds.
 CUDA_INDEX_URL = "https://download.pytorch.org/whl/cu128"
-DEFAULT_HUB_ID = "ali-vilab/i2vgen-xl"
 # The fp16 weights take several GB; the rest is room for the download's temp files and compile caches.
 MODEL_DISK_GIB = 10.0
 OUTPUTS_DISK_GIB = 1.0

@@ -114,7 +114,7 @@ def test_help_documents_exit_codes(capsys):
 
 def test_the_console_says_when_a_start_is_compiling(env_dirs, input_png, capsys, monkeypatch):
     from app.engine import loader
-    from app.engine.accel import AccelReport
+    from app.speedups.unet import AccelReport
 
     # On the CPU nothing compiles: pretend the speedups applied, so the warm-up stage runs.
     monkeypatch.setattr(loader, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))

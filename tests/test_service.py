@@ -187,7 +187,7 @@ def test_history_lists_newest_first(make_service, image_rgb):
 
 def test_the_status_line_says_what_loading_is_doing_and_ready_wins(settings, monkeypatch):
     from app.engine import loader
-    from app.engine.accel import AccelReport
+    from app.speedups.unet import AccelReport
 
     heard: list[tuple[str, str]] = []
     # On the CPU nothing compiles: pretend the speedups applied, so the warm-up stage runs.

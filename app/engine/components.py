@@ -10,19 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.errors import ModelMissingError
+from app.hub import COMPONENT_NAMES, DEFAULT_HUB_ID, is_complete_snapshot, looks_like_hub_id, snapshot_problem
 
 log = logging.getLogger(__name__)
-
-DEFAULT_HUB_ID = "ali-vilab/i2vgen-xl"
-COMPONENT_NAMES = ("unet", "vae", "text_encoder", "tokenizer", "image_encoder", "feature_extractor", "scheduler")
-WEIGHTED = ("unet", "vae", "text_encoder", "image_encoder")
-
 
 def download_patterns(variant: str) -> tuple[list[str], list[str]]:
     """(allow, ignore) patterns: configs, tokenizer and one safetensors set, never the original .pth checkpoint."""
@@ -68,39 +63,6 @@ def _how_to_get(hub_id: str, local_dir: Path) -> tuple[str, str]:
         f"无权重时可用 --model tiny 试用(演示模型,输出为噪声)。"
     )
     return en, zh
-
-
-def snapshot_problem(folder: Path) -> str | None:
-    """None when `folder` holds a complete hub-layout pipeline, else what is missing (one line).
-
-    Standard library only: the launcher calls it (through app.diagnose) before anything is installed.
-    """
-    index = folder / "model_index.json"
-    try:
-        components = json.loads(index.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return f"{index} does not exist"
-    except (OSError, ValueError) as exc:
-        return f"{index} cannot be read ({exc})"
-    if not isinstance(components, dict):
-        return f"{index} is not a pipeline index"
-    for name in COMPONENT_NAMES:
-        if not (folder / name).is_dir():
-            return f"the {name}/ folder is missing"
-    for name in WEIGHTED:
-        part = folder / name
-        if not any(part.glob("*.safetensors")) and not any(part.glob("*.bin")):
-            return f"{name}/ has no weights (an unfinished download?)"
-    return None
-
-
-def is_complete_snapshot(folder: Path) -> bool:
-    return snapshot_problem(folder) is None
-
-
-def looks_like_hub_id(text: str) -> bool:
-    """`owner/name` as the hub spells repository ids (no paths, spaces, backslashes or `..`)."""
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and ".." not in text
 
 
 def resolve_model_dir(source: str, *, local_dir: Path, revision: str | None = None,

@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -20,7 +20,6 @@ from PIL import Image
 
 from app.engine.components import Components
 from app.engine.imageops import center_crop_resize, clip_input
-from app.engine.rewrites import cfg_pair
 from app.errors import CancelledError
 
 CLIP_MAX_TOKENS = 77
@@ -120,8 +119,11 @@ class I2VGenXLSampler:
         self.device = torch.device(device)
         self.dtype = dtype
         self.offload = offload
-        # accel.py may replace this with a compiled or graph-captured callable of the same signature.
+        # The speedups (app.speedups) may replace these: the UNet call with a compiled or graph-captured
+        # callable of the same signature, and the context the denoising loop runs in (told whether each
+        # call is a CFG pair).
         self.denoise_fn: Callable[..., torch.Tensor] = self._unet_forward
+        self.loop_context: Callable[[bool], ContextManager[Any]] = lambda cfg: contextlib.nullcontext()
         self._placed = False
 
     # Placement ---------------------------------------------------------------------------------
@@ -284,8 +286,7 @@ class I2VGenXLSampler:
         if will_compile is not None and will_compile((2 if do_cfg else 1, *shape[1:])):
             # The first step at a new size compiles first; say so rather than look stuck at step 0.
             notify(Progress("compile", 0, 1, 0.0, None))
-        # A CFG pair's halves differ only in the embeddings: the shared first layers may compute one half.
-        with self._on_device(self.c.unet), cfg_pair(self.c.unet, do_cfg):
+        with self._on_device(self.c.unet), self.loop_context(do_cfg):
             for i, t in enumerate(table.timesteps):
                 check_cancel()
                 model_in = torch.cat([x, x]) if do_cfg else x

@@ -1,0 +1,230 @@
+"""Exact rewrites of UNet layers that compute the same sums in a form the GPU runs faster, or only once
+where a CFG pair's call computed them twice.
+
+Each `use_*` function patches a loaded UNet in place and returns a function that undoes it; the
+weights and state_dict keys are untouched. The CPU tests check each rewrite against the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+# Frame-axis layers: their attention runs over the frames (16-32 long), not over pixels.
+TEMPORAL_CONTAINERS = ("TransformerTemporalModel", "I2VGenXLTransformerTemporalEncoder")
+TEMPORAL_ATTENTION_MODES = ("sdpa", "math", "triton")
+
+
+# Temporal convolutions ---------------------------------------------------------------------------
+
+def _frame_conv_forward(self: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A (k, 1, 1) Conv3d over (B, C, F, H, W) computed as a (k, 1) Conv2d over (B, C, F, H*W): the
+    same sums, but Inductor keeps 2-D convolutions channels-last instead of converting layouts."""
+    b, c, f, h, w = x.shape
+    y = F.conv2d(x.reshape(b, c, f, h * w), self.weight.squeeze(-1), self.bias, padding=(self.padding[0], 0))
+    return y.reshape(b, y.shape[1], f, h, w)
+
+
+def _is_frame_conv(m: torch.nn.Module) -> bool:
+    return (isinstance(m, torch.nn.Conv3d) and m.kernel_size[1:] == (1, 1) and m.stride == (1, 1, 1)
+            and m.dilation == (1, 1, 1) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str) and tuple(m.padding[1:]) == (0, 0))
+
+
+def use_conv2d_for_temporal_convs(unet: torch.nn.Module) -> Callable[[], None]:
+    """Run every temporal (k, 1, 1) Conv3d as a 2-D convolution."""
+    patched = [m for m in unet.modules() if _is_frame_conv(m)]
+    forward = _frame_conv_forward
+    for m in patched:
+        m.forward = types.MethodType(forward, m)
+
+    def undo() -> None:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+
+    return undo
+
+
+# Temporal attention ------------------------------------------------------------------------------
+
+class ShortSequenceAttention:
+    """Attention processor for sequences of a few dozen tokens (the frames of a temporal layer).
+
+    Flash kernels tile 64-128 query and key rows, so a 16-long sequence leaves most of each tile
+    empty. Here the (F x F) scores are two batched matmuls with the softmax in float32 between them
+    (on an H100 at 512p, compiled: 131.0 vs 134.4 ms per UNet call; a broadcast-and-sum form that
+    Inductor fuses measured 156 ms). Anything unusual (a mask, extra arguments) goes to the
+    original processor.
+
+    With `kernel` (the "triton" mode: app.speedups.triton_attention's operator) the scores, softmax and
+    output of each head are one fused kernel instead, wherever `kernel_fits` says it takes the
+    projections; other devices (the meta device of the compile helpers' plan) and sizes keep the two
+    matmuls.
+    """
+
+    def __init__(self, original: Any, kernel: Callable[..., torch.Tensor] | None = None,
+                 kernel_fits: Callable[..., bool] | None = None):
+        self.original = original
+        self.kernel, self.kernel_fits = kernel, kernel_fits
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        if attention_mask is not None or temb is not None or args or kwargs or hidden_states.ndim != 3:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        b, n, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        heads = attn.heads
+        d = k.shape[-1] // heads
+        scale = d ** -0.5  # what scaled_dot_product_attention uses, as the original processor does
+        if self.kernel is not None and self.kernel_fits(q, k, v, heads):
+            out = self.kernel(q, k, v, heads, scale)
+            return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+        q = q.view(b, n, heads, d).transpose(1, 2)
+        k = k.view(b, -1, heads, d).transpose(1, 2)
+        v = v.view(b, -1, heads, d).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
+        out = out.transpose(1, 2).reshape(b, n, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def _plain_attention(m: torch.nn.Module) -> bool:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return (type(getattr(m, "processor", None)) is AttnProcessor2_0 and m.spatial_norm is None
+            and m.group_norm is None and m.norm_q is None and m.norm_k is None and not m.norm_cross
+            and not m.residual_connection)
+
+
+def use_temporal_attention(unet: torch.nn.Module, mode: str) -> Callable[[], None]:
+    """Give the temporal layers' attention the short-sequence processor: "math" (two matmuls) or "triton"
+    (one fused kernel; needs Triton, which this imports); "sdpa" keeps theirs."""
+    if mode not in TEMPORAL_ATTENTION_MODES:
+        raise ValueError(f"unknown temporal attention mode {mode!r}; choose from {TEMPORAL_ATTENTION_MODES}")
+    kernel = kernel_fits = None
+    if mode == "triton":
+        from app.speedups import triton_attention
+
+        kernel, kernel_fits = triton_attention.short_attention_op(), triton_attention.fits
+    patched: list[tuple[Any, Any]] = []
+    if mode != "sdpa":
+        for container in unet.modules():
+            if type(container).__name__ not in TEMPORAL_CONTAINERS:
+                continue
+            for m in container.modules():
+                if _plain_attention(m):
+                    patched.append((m, m.processor))
+                    m.processor = ShortSequenceAttention(m.processor, kernel, kernel_fits)
+
+    def undo() -> None:
+        for m, original in patched:
+            m.processor = original
+
+    return undo
+
+
+# Classifier-free guidance's shared first layers ----------------------------------------------------
+
+class SharedCfgPrefix:
+    """The layers of a CFG pair's UNet call that see the same numbers in both halves of the batch.
+
+    Under classifier-free guidance the sampler calls the UNet with a batch of 2 whose halves differ only
+    in the text and image embeddings, and those enter the network at the first cross-attention. Before it,
+    in the first transformer (`transformer_in`), the first resnet and the first temporal convolution,
+    both halves compute the same sums on the same inputs: these layers here compute the first half only
+    and hand on two copies. At 512p that is 1.1 of the call's 41.9 TFLOP.
+
+    Only while `on` (the sampler's `cfg_pair` context): any other caller of the UNet gets it unchanged.
+    """
+
+    def __init__(self, unet: torch.nn.Module, modules: list[torch.nn.Module]):
+        self.modules = modules
+        self.on = False
+        self.handles: list[Any] = [unet.register_forward_pre_hook(self._check_pair, with_kwargs=True)]
+        for m in modules:
+            self.handles.append(m.register_forward_pre_hook(self._first_half, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._twice))
+
+    def _check_pair(self, unet: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        # The layers fold frames into the batch: only a whole number of videos per half splits right.
+        sample = args[0] if args else kwargs.get("sample")
+        if self.on and isinstance(sample, torch.Tensor) and sample.shape[0] % 2:
+            raise ValueError(f"shared CFG prefix: a CFG pair needs an even batch, not {sample.shape[0]}")
+
+    def _first_half(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.on:
+            return None
+        return tuple(_half(a) for a in args), {k: _half(v) for k, v in kwargs.items()}
+
+    def _twice(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        if not self.on:
+            return None
+        if isinstance(output, torch.Tensor):
+            return torch.cat([output, output])
+        if isinstance(output, tuple) and all(isinstance(o, torch.Tensor) for o in output):
+            return tuple(torch.cat([o, o]) for o in output)
+        raise TypeError(f"shared CFG prefix: unexpected output {type(output).__name__} of {type(module).__name__}")
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.on = False
+
+
+def _half(x: Any) -> Any:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    if x.shape[0] % 2:
+        raise ValueError(f"shared CFG prefix: a batch of {x.shape[0]} has no two halves")
+    return x[: x.shape[0] // 2]
+
+
+def cfg_prefix_modules(unet: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The I2VGen-XL UNet's layers before its first cross-attention, or None for another structure."""
+    first = getattr(unet, "down_blocks", [None])[0]
+    names = ("resnets", "temp_convs", "attentions")
+    if getattr(unet, "transformer_in", None) is None or first is None or not all(hasattr(first, n) for n in names):
+        return None
+    if type(unet.transformer_in).__name__ not in TEMPORAL_CONTAINERS:
+        return None
+    return [unet.transformer_in, first.resnets[0], first.temp_convs[0]]
+
+
+def use_shared_cfg_prefix(unet: torch.nn.Module) -> Callable[[], None] | None:
+    """Let the layers before the first cross-attention compute one half of a CFG pair's batch (SharedCfgPrefix);
+    None where the UNet is not built like I2VGen-XL's."""
+    modules = cfg_prefix_modules(unet)
+    if modules is None:
+        return None
+    shared = SharedCfgPrefix(unet, modules)
+    unet._shared_cfg_prefix = shared
+
+    def undo() -> None:
+        shared.remove()
+        unet.__dict__.pop("_shared_cfg_prefix", None)
+
+    return undo
+
+
+@contextlib.contextmanager
+def cfg_pair(unet: torch.nn.Module, on: bool = True) -> Iterator[None]:
+    """Within, every UNet call is a CFG pair: the batch's two halves have the same latents, timestep, fps and
+    image latents, and differ only in the text and image embeddings (app.engine.sampler's batch). Without
+    use_shared_cfg_prefix, or with `on` false, this does nothing."""
+    shared = getattr(unet, "_shared_cfg_prefix", None)
+    if shared is None or not on:
+        yield
+        return
+    shared.on = True
+    try:
+        yield
+    finally:
+        shared.on = False

@@ -1,0 +1,199 @@
+"""The exact layer rewrites give the same numbers as the layers they replace (CPU, float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.speedups.rewrites import (
+    ShortSequenceAttention,
+    cfg_pair,
+    use_conv2d_for_temporal_convs,
+    use_shared_cfg_prefix,
+    use_temporal_attention,
+)
+from randomunet import random_tiny_unet
+from randomunet import run_unet as _run
+from randomunet import unet_inputs as _inputs
+
+
+@pytest.fixture
+def unet(tiny_model_dir):
+    return random_tiny_unet(tiny_model_dir)
+
+
+def test_temporal_conv_as_conv2d_matches_conv3d():
+    conv = torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0))
+    x = torch.randn(2, 6, 7, 3, 4)
+    expected = conv(x)
+    holder = torch.nn.Sequential(conv)
+    undo = use_conv2d_for_temporal_convs(holder)
+    assert "forward" in conv.__dict__
+    assert torch.allclose(conv(x), expected, atol=1e-5, rtol=1e-5)
+    undo()
+    assert "forward" not in conv.__dict__
+
+
+@pytest.mark.parametrize("padding, frames", [(1, 7), (0, 5), (2, 6)])
+def test_temporal_conv_as_matmul_matches_conv3d(padding, frames):
+    conv = torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(padding, 0, 0))
+    x = torch.randn(2, 6, frames, 3, 4).permute(0, 1, 2, 4, 3)  # a strided view, as the layers hand it on
+    expected = conv(x)
+    use_conv2d_for_temporal_convs(torch.nn.Sequential(conv), matmul=True)
+    got = conv(x)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_only_frame_convs_are_rewritten():
+    spatial = torch.nn.Conv3d(4, 4, (3, 3, 3), padding=1)
+    strided = torch.nn.Conv3d(4, 4, (3, 1, 1), stride=(2, 1, 1))
+    use_conv2d_for_temporal_convs(torch.nn.Sequential(spatial, strided))
+    assert "forward" not in spatial.__dict__ and "forward" not in strided.__dict__
+
+
+@pytest.mark.parametrize("matmul", [False, True])
+def test_rewritten_unet_matches_the_original(unet, matmul):
+    inputs = _inputs(unet)
+    expected = _run(unet, inputs)
+    undo_conv = use_conv2d_for_temporal_convs(unet, matmul=matmul)
+    undo_attn = use_temporal_attention(unet, "math")
+    rewritten = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), ShortSequenceAttention)]
+    assert rewritten, "the temporal attention layers should get the short-sequence processor"
+    got = _run(unet, inputs)
+    assert got.abs().mean() > 0.01
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    undo_attn()
+    undo_conv()
+    assert not any(isinstance(getattr(m, "processor", None), ShortSequenceAttention) for m in unet.modules())
+    assert torch.equal(_run(unet, inputs), expected)
+
+
+def test_spatial_attention_keeps_its_processor(unet):
+    use_temporal_attention(unet, "math")
+    for name, m in unet.named_modules():
+        if hasattr(m, "processor") and ".attentions." in name:
+            assert not isinstance(m.processor, ShortSequenceAttention), name
+
+
+def test_short_attention_hands_masks_to_the_original_processor(unet):
+    use_temporal_attention(unet, "math")
+    attn = next(m for m in unet.modules() if isinstance(getattr(m, "processor", None), ShortSequenceAttention))
+    seen = []
+    attn.processor.original = lambda *a, **k: seen.append(a[3]) or a[1]
+    x = torch.randn(3, 4, attn.to_q.in_features)
+    mask = torch.ones(3, 4, 4, dtype=torch.bool)
+    assert attn.processor(attn, x, None, mask) is x and seen[0] is mask
+
+
+def test_unknown_mode_is_refused(unet):
+    with pytest.raises(ValueError, match="temporal attention mode 'fast'"):
+        use_temporal_attention(unet, "fast")
+
+
+def _reference_kernel(calls):
+    """What app.speedups.triton_attention's operator computes, in plain torch, counting its calls."""
+    def kernel(q, k, v, heads, scale):
+        calls.append((tuple(q.shape), heads, scale))
+        b, n, c = q.shape
+        split = [t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*split, scale=scale)
+        return out.transpose(1, 2).reshape(b, n, c)
+    return kernel
+
+
+def test_kernel_mode_matches_the_original_and_passes_the_right_sizes(unet):
+    inputs = _inputs(unet)
+    expected = _run(unet, inputs)
+    use_temporal_attention(unet, "math")
+    procs = [m for m in unet.modules() if isinstance(getattr(m, "processor", None), ShortSequenceAttention)]
+    calls, asked = [], []
+    for m in procs:  # the "triton" mode's wiring, with a kernel that runs on the CPU
+        m.processor.kernel = _reference_kernel(calls)
+        m.processor.kernel_fits = lambda q, k, v, heads: asked.append(heads) or True
+    got = _run(unet, inputs)
+    assert len(calls) == len(asked) > 0
+    frames = inputs["sample"].shape[2]
+    assert all(shape[1] == frames and scale == pytest.approx((shape[2] // heads) ** -0.5)
+               for shape, heads, scale in calls), calls
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+def test_kernel_mode_keeps_the_matmuls_where_the_kernel_does_not_fit(unet):
+    inputs = _inputs(unet)
+    expected = _run(unet, inputs)
+    use_temporal_attention(unet, "math")
+    calls = []
+    for m in unet.modules():
+        if isinstance(getattr(m, "processor", None), ShortSequenceAttention):
+            m.processor.kernel = _reference_kernel(calls)
+            m.processor.kernel_fits = lambda q, k, v, heads: False
+    assert torch.equal(_run(unet, inputs), _run(unet, inputs))
+    assert torch.allclose(_run(unet, inputs), expected, atol=1e-4, rtol=1e-4)
+    assert calls == []
+
+
+def _cfg_pair_inputs(unet):
+    """A CFG pair as the sampler makes it: one latent and image latent twice, two different embeddings."""
+    inputs = _inputs(unet)
+    for name in ("sample", "image_latents"):
+        inputs[name] = inputs[name][:1].repeat(2, 1, 1, 1, 1)
+    return inputs
+
+
+def _batches_seen(unet, paths):
+    seen = {}
+    modules = dict(unet.named_modules())
+    hooks = [modules[p].register_forward_pre_hook(lambda m, a, p=p: seen.setdefault(p, a[0].shape[0]) and None) for p in paths]
+    return seen, hooks
+
+
+def test_shared_cfg_prefix_computes_the_first_layers_once_and_matches(unet):
+    inputs = _cfg_pair_inputs(unet)
+    expected = _run(unet, inputs)
+    undo = use_shared_cfg_prefix(unet)
+    paths = ["transformer_in", "down_blocks.0.resnets.0", "down_blocks.0.temp_convs.0", "down_blocks.0.attentions.0",
+             "down_blocks.1.resnets.0"]
+    seen, hooks = _batches_seen(unet, paths)
+    with cfg_pair(unet):
+        got = _run(unet, inputs)
+    frames = inputs["sample"].shape[2]
+    # One half of the batch (frames of one video) up to the first cross-attention, both halves from there on.
+    assert seen == {"transformer_in": frames, "down_blocks.0.resnets.0": frames, "down_blocks.0.temp_convs.0": frames,
+                    "down_blocks.0.attentions.0": 2 * frames, "down_blocks.1.resnets.0": 2 * frames}, seen
+    assert got.abs().mean() > 0.01
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+    for h in hooks:
+        h.remove()
+    undo()
+    assert not hasattr(unet, "_shared_cfg_prefix")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
+    assert torch.equal(_run(unet, inputs), expected)
+
+
+def test_shared_cfg_prefix_is_off_outside_a_cfg_pair(unet):
+    # Halves that differ (not what the sampler makes): outside cfg_pair the UNet computes both, unchanged.
+    inputs = _inputs(unet)
+    expected = _run(unet, inputs)
+    use_shared_cfg_prefix(unet)
+    seen, _ = _batches_seen(unet, ["down_blocks.0.resnets.0"])
+    assert torch.equal(_run(unet, inputs), expected)
+    assert seen["down_blocks.0.resnets.0"] == 2 * inputs["sample"].shape[2]
+    with cfg_pair(unet, on=False):
+        assert torch.equal(_run(unet, inputs), expected)
+    with cfg_pair(unet):
+        pass
+    assert unet._shared_cfg_prefix.on is False
+
+
+def test_shared_cfg_prefix_refuses_an_odd_batch_and_other_unets(unet):
+    use_shared_cfg_prefix(unet)
+    inputs = _cfg_pair_inputs(unet)
+    for name in ("sample", "image_latents"):
+        inputs[name] = inputs[name][:1]
+    for name in ("encoder_hidden_states", "image_embeddings", "fps"):
+        inputs[name] = inputs[name][:1]
+    with cfg_pair(unet), pytest.raises(ValueError, match="a CFG pair needs an even batch, not 1"):
+        _run(unet, inputs)
+    assert use_shared_cfg_prefix(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    with cfg_pair(torch.nn.Linear(2, 2)):  # nothing to switch on: a no-op
+        pass
