@@ -67,7 +67,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 from collections.abc import Callable, Mapping, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -82,6 +82,8 @@ IS_WINDOWS = sys.platform == "win32"
 MARKER_NAME = "i2v-app-install.json"
 PORT_SEARCH_SPAN = 100
 HANDOVER_GRACE_S = 5.0
+# The keys of configs/config.yaml the launcher reads, with app.config's defaults for them (a test keeps the two
+# equal). Nothing else of the config is read here: the app itself validates and uses the rest.
 DEFAULTS = {
     ("server", "port"): "7860",
     ("server", "host"): "127.0.0.1",
@@ -101,6 +103,7 @@ environment:
   I2V_SKIP_INSTALL=1   like --skip-install
   HF_HUB_OFFLINE=1     like --offline
   after "--", flags go to `python -m app serve` unchanged, e.g. start_app.py -- --low-vram on
+  (with -- --config FILE the launcher takes the port, folders and model from FILE too)
 """
 
 
@@ -138,11 +141,41 @@ class LauncherError(Exception):
 # Config: a tiny reader for the few keys the launcher needs (PyYAML is not installed yet)
 # ---------------------------------------------------------------------------------------------
 
+_YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f", "r": "\r",
+                 "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85", "_": "\xa0", "L": "\u2028",
+                 "P": "\u2029"}
+_YAML_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
+
+
 def _scalar(text: str) -> str:
+    """A one-line YAML scalar as PyYAML reads it: 'single' ('' is a quote), "double" (with \\ escapes), or
+    plain up to a ` #` comment. Windows paths are often written in double quotes with doubled backslashes."""
     text = text.strip()
-    if text[:1] in ("'", '"'):
-        end = text.find(text[0], 1)
-        return text[1:end] if end > 0 else text[1:]
+    out: list[str] = []
+    i = 1
+    if text.startswith("'"):
+        while i < len(text):
+            if text[i] == "'":
+                if text[i + 1:i + 2] != "'":
+                    break
+                i += 1
+            out.append(text[i])
+            i += 1
+        return "".join(out)
+    if text.startswith('"'):
+        while i < len(text) and text[i] != '"':
+            if text[i] == "\\" and i + 1 < len(text):
+                code = text[i + 1]
+                digits = _YAML_HEX_DIGITS.get(code, 0)
+                try:
+                    out.append(chr(int(text[i + 2:i + 2 + digits], 16)) if digits else _YAML_ESCAPES[code])
+                    i += 2 + digits
+                    continue
+                except (KeyError, ValueError):
+                    pass  # not an escape YAML knows: PyYAML refuses the file, so the app stops with exit 6
+            out.append(text[i])
+            i += 1
+        return "".join(out)
     return re.split(r"\s+#", text, maxsplit=1)[0].strip()
 
 
@@ -175,15 +208,17 @@ def parse_simple_yaml(text: str) -> dict[str, dict[str, str]]:
 
 @dataclass
 class LauncherConfig:
-    """The settings the launcher needs; duck-compatible with app.config.Settings for app.diagnose."""
+    """The settings the launcher needs; duck-compatible with app.config.Settings for app.diagnose.
+
+    No defaults here: load_config fills every field, from the file, the environment or DEFAULTS.
+    """
 
     root: Path
-    port: int = 7860
-    port_from_env: bool = False
-    host: str = "127.0.0.1"
-    folders: dict[str, str] = field(default_factory=lambda: {"outputs": "outputs", "logs": "logs", "models": "models"})
-    model: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(
-        source=DEFAULT_HUB_ID, local_dir="models/i2vgen-xl"))
+    port: int
+    port_from_env: bool
+    host: str
+    folders: dict[str, str]
+    model: SimpleNamespace
 
     def path(self, name: str) -> Path:
         value = Path(self.folders[name]).expanduser()
@@ -201,7 +236,8 @@ def load_config(root: Path, environ: Mapping[str, str]) -> LauncherConfig:
     if not path.is_absolute():
         path = root / path
     try:
-        raw = parse_simple_yaml(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows Notepad may start the file with a BOM, which PyYAML skips too.
+        raw = parse_simple_yaml(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError):
         raw = {}
 
@@ -675,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: model.source, ali-vilab/i2vgen-xl)")
     parser.add_argument("--offline", action="store_true", help="never download (the app starts without the model "
                                                                "and says how to get it)")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: model.device from "
+                                         "configs/config.yaml, auto)")
     parser.add_argument("--diagnose", action="store_true",
                         help="print the environment check (OS, Python, torch, GPU, driver, disk) and exit")
     parser.add_argument("--share", action="store_true", help="also create a public Gradio share link (off by default)")
@@ -693,6 +730,16 @@ def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         i = argv.index("--")
         return argv[:i], argv[i + 1:]
     return argv, []
+
+
+def passthrough_config(extra: Sequence[str]) -> str | None:
+    """The file named by `--config` after `--`: the app reads its settings from it, so the launcher must too."""
+    for i, arg in enumerate(extra):
+        if arg == "--config" and i + 1 < len(extra):
+            return extra[i + 1]
+        if arg.startswith("--config="):
+            return arg.partition("=")[2]
+    return None
 
 
 def _truthy(value: str | None) -> bool:
@@ -721,7 +768,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def launch(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str, str], root: Path,
            handover: Callable[..., int], run: Callable[..., int]) -> int:
     """Steps 2-7 (step 1 ran at import)."""
-    config = load_config(root, environ)
+    config_file = passthrough_config(extra)
+    config = load_config(root, {**environ, "I2V_CONFIG": config_file} if config_file else environ)
     env = find_env(root, environ=environ)
     skip = args.skip_install or _truthy(environ.get("I2V_SKIP_INSTALL"))
 
@@ -774,7 +822,8 @@ def launch(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str,
     else:
         if check.downloadable and not offline:
             say("INFO", f"下载模型 / Downloading {check.target} (resumes if interrupted; Ctrl+C to stop)")
-            rc = run([str(env.python), "-m", "app", "download"], cwd=root)
+            config_flag = ["--config", config_file] if config_file else []
+            rc = run([str(env.python), "-m", "app", "download", *config_flag], cwd=root)
             check = check_model(args.model, config, environ, Path.cwd())
             if check.found:
                 say("SUCCESS", f"模型 / Model downloaded: {check.found}")

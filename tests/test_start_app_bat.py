@@ -1,9 +1,11 @@
 """Execute start_app.bat under Wine's cmd.exe with stub python.exe / py.exe / where.exe built by mingw-w64.
 
-See WINDOWS-TESTING.md for why it is done this way. The stubs (tests/winstub/) record their
-arguments and working directory and exit with a chosen code, so the tests prove what the batch
-file does on Windows: it changes to its own folder, picks .venv, then `py -3`, then `python`,
-passes every argument through, and on failure shows the error and pauses.
+Wine's cmd.exe runs the real batch file on Linux, so it is tested without a Windows machine or a
+Windows Python. The stubs (tests/winstub/) stand in for Python: they record their arguments and
+working directory and exit with a chosen code, so the tests prove what the batch file does: it
+changes to its own folder, picks .venv, then `py -3`, then `python`, passes every argument through,
+and on failure shows the error and pauses. Wine's cmd.exe differs from Windows' in details (it
+takes a `&&` branch after a failed command), so the batch file uses only constructs both run alike.
 
 Needs: apt-get install -y --no-install-recommends wine wine64 gcc-mingw-w64-x86-64
 """
@@ -48,8 +50,8 @@ def _quiet(cmd: list[str], env: dict[str, str], timeout: float) -> None:
 def _wait_until_cmd_runs(base: Path, env: dict[str, str], attempts: int = 20) -> None:
     """Wait until cmd.exe really runs a batch file in the new prefix.
 
-    `wineboot -i` can return while the prefix is still being set up; a CI run once saw the first
-    batch file after it exit 1 with no output at all. A probe that must echo a marker settles that.
+    `wineboot -i` can return while the prefix is still being set up, and a batch file started then
+    can exit 1 with no output at all. A probe that must echo a marker settles that.
     """
     probe = base / "probe.bat"
     probe.write_bytes(b"@echo wine-ready\r\n")
@@ -74,9 +76,10 @@ def wine(tmp_path_factory) -> Wine:
     base = tmp_path_factory.mktemp("wine")
     bin_dir = base / "bin"
     bin_dir.mkdir()
-    for source, exe in (("stub.c", "python.exe"), ("stub.c", "py.exe"), ("where.c", "where.exe")):
-        subprocess.run([MINGW, "-municode", "-O2", "-o", str(bin_dir / exe), str(STUB_SOURCES / source)],
-                       check=True, capture_output=True, timeout=120)
+    # The stubs compile while Wine sets up its prefix (each takes seconds); py.exe is a copy of python.exe.
+    builds = [subprocess.Popen([MINGW, "-municode", "-O2", "-o", str(bin_dir / exe), str(STUB_SOURCES / source)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+              for source, exe in (("stub.c", "python.exe"), ("where.c", "where.exe"))]
 
     prefix = base / "prefix"
     prefix.mkdir()
@@ -91,6 +94,10 @@ def wine(tmp_path_factory) -> Wine:
     })
     _quiet(["wineserver", "-p"], env, 60)
     _quiet(["wine", "wineboot", "-i"], env, 300)
+    for build in builds:
+        out, _ = build.communicate(timeout=120)
+        assert build.returncode == 0, f"{build.args}: {out.decode(errors='replace')}"
+    shutil.copy2(bin_dir / "python.exe", bin_dir / "py.exe")
     _wait_until_cmd_runs(base, env)
     yield Wine(env=env, bin_dir=bin_dir, stub=bin_dir / "python.exe")
     _quiet(["wineserver", "-k"], env, 60)
@@ -123,8 +130,8 @@ def run_bat(wine: Wine, project: Path, args: list[str], *, where_finds: str = ""
         proc = subprocess.run(["wine", winpath(project / "start_app.bat"), *args], cwd=elsewhere, env=env,
                               input=b"\r\n", capture_output=True, timeout=60)
         # Every path through the batch file prints something or calls a stub. Exit 1 with neither means
-        # Wine never started it (seen once in CI under load); run it once more rather than report that
-        # as the batch file's failure. A real failure of the batch file repeats and is reported.
+        # Wine never started it (which happens on a loaded machine); run it once more rather than report
+        # that as the batch file's failure. A real failure of the batch file repeats and is reported.
         if proc.returncode == 0 or proc.stdout or proc.stderr or log.exists():
             break
     calls = []
