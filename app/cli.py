@@ -92,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {"model": {}, "server": {}, "paths": {}, "accel": {}}
+    out: dict[str, dict[str, Any]] = {"model": {}, "server": {}, "paths": {}, "speedups": {}}
     if args.command == "generate" and not args.compile:
-        # One video: one to two minutes of compiling would cost far more than the ~4 s it saves.
-        out["accel"]["compile"] = "off"
+        # One video: a first compile takes minutes, far more than it saves on one video.
+        out["speedups"]["compile"] = "off"
     if getattr(args, "device", None):
         out["model"]["device"] = args.device
     if getattr(args, "low_vram", None):
@@ -218,6 +218,7 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _generate(args: argparse.Namespace, settings: Any) -> int:
+    from app.config import VideoParams
     from app.service import GenerationRequest
 
     service = _make_service(args, settings)
@@ -236,8 +237,8 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
         bar["tqdm"].refresh()
 
     req = GenerationRequest(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                            resolution=args.resolution, num_frames=args.num_frames, fps=args.fps, steps=args.steps,
-                            guidance_scale=args.guidance_scale, seed=args.seed, preset=args.preset)
+                            seed=args.seed, preset=args.preset,
+                            video={name: getattr(args, name) for name in VideoParams.model_fields})
     service.resolve(req)  # bad input fails here, before the model is even loaded
     service.load()
     try:

@@ -1,19 +1,19 @@
-"""Settings: configs/config.yaml loaded into typed dataclasses, with env and CLI overrides.
+"""Settings: one typed source for every setting, read from configs/config.yaml with env and CLI overrides.
 
-Precedence, lowest first: the dataclass defaults, the YAML file, environment variables
-``I2V_<SECTION>__<KEY>``, then explicit overrides from the command line.
+The classes below hold every default and every bound. configs/config.yaml repeats the user-facing keys with a
+comment each; any other key (docs/configuration.md lists them all) may be added there too.
+Precedence, lowest first: the defaults here, the YAML file, environment variables ``I2V_<SECTION>__<KEY>``,
+then explicit overrides from the command line.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "I2V_"
@@ -23,221 +23,176 @@ class ConfigError(ValueError):
     """An invalid setting. The message is one line naming the key, the value and what is allowed."""
 
 
-def _choice(*allowed: str) -> dict[str, Any]:
-    return {"choices": allowed}
+class _Section(BaseModel):
+    # Unknown keys are typos; NaN and infinity are never a setting; a YAML number for a text key is text.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True, frozen=True)
 
 
-@dataclass
-class ModelSettings:
-    source: str = "ali-vilab/i2vgen-xl"
-    local_dir: str = "models/i2vgen-xl"
-    revision: str = "main"
-    variant: str = field(default="fp16", metadata=_choice("fp16", ""))
-    dtype: str = field(default="float16", metadata=_choice("float16", "bfloat16", "float32"))
-    device: str = "auto"
-    low_vram: str = field(default="auto", metadata=_choice("auto", "on", "off"))
-    low_vram_threshold_gib: float = field(default=12.0, metadata={"min": 0.0})
+class VideoParams(_Section):
+    """The five numbers of a video. One record for the presets, the defaults, validation and requests."""
+
+    resolution: int = Field(512, description="output height and width in pixels (the image is centre-cropped)")
+    num_frames: int = Field(16, description="frames in the video")
+    fps: int = Field(8, description="frame rate; also a conditioning input of the model")
+    steps: int = Field(50, description="denoising steps")
+    guidance_scale: float = Field(9.0, description="classifier-free guidance scale (1.0 turns it off)")
 
 
-@dataclass
-class GenerationDefaults:
-    resolution: int = 512
-    num_frames: int = 16
-    fps: int = 8
-    steps: int = 50
-    guidance_scale: float = 9.0
-    negative_prompt: str = (
+class ModelSettings(_Section):
+    source: str = Field("ali-vilab/i2vgen-xl", description='"tiny" (demo), a local folder or a hub id')
+    local_dir: str = Field("models/i2vgen-xl", description="where the real weights are downloaded and looked for first")
+    revision: str = Field("main", description="hub revision (branch, tag or commit)")
+    variant: Literal["fp16", ""] = Field("fp16", description='weight file variant; "" for the plain files')
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="compute precision on the GPU")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    low_vram: Literal["auto", "on", "off"] = Field("auto", description="model CPU offload and chunked decoding")
+    low_vram_threshold_gib: float = Field(12.0, ge=0.0, description="free VRAM under which auto picks low-VRAM")
+
+    @field_validator("variant", mode="before")
+    @classmethod
+    def _empty_variant(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+
+class GenerationDefaults(VideoParams):
+    negative_prompt: str = Field(
         "Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, "
-        "disfigured, disconnected limbs, Ugly faces, incomplete arms"
-    )
-    seed: int = field(default=-1, metadata={"min": -1})
-    decode_chunk_size: int = field(default=4, metadata={"min": 0})
+        "disfigured, disconnected limbs, Ugly faces, incomplete arms", description="what the video should not show")
+    seed: int = Field(-1, ge=-1, description="-1 picks a random seed for every run")
+    decode_chunk_size: int = Field(4, ge=0, description="frames the VAE decodes at once (0: all)")
+
+    def video(self) -> VideoParams:
+        return VideoParams(**{name: getattr(self, name) for name in VideoParams.model_fields})
 
 
-@dataclass
-class Preset:
-    resolution: int
-    num_frames: int
-    fps: int
-    steps: int
-    guidance_scale: float
+class Limits(_Section):
+    max_resolution: int = Field(768, ge=8)
+    min_resolution: int = Field(64, ge=8)
+    resolution_multiple: int = Field(64, ge=8, description="the UNet downsamples the latents 3 times")
+    max_frames: int = Field(24, ge=1)
+    min_frames: int = Field(2, ge=1)
+    min_fps: int = Field(1, ge=1)
+    max_fps: int = Field(30, ge=1)
+    min_steps: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1)
+    min_guidance_scale: float = Field(1.0, ge=0.0)
+    max_guidance_scale: float = Field(20.0, ge=0.0)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_upload_mb: int = Field(50, ge=1)
+    max_image_side: int = Field(2048, ge=64, description="larger images are downscaled first")
+    max_image_pixels: int = Field(150_000_000, ge=1, description="more pixels are refused (decompression bomb)")
+
+    def bounds(self, name: str) -> tuple[Any, Any]:
+        """(min, max) of a VideoParams field."""
+        short = {"resolution": "resolution", "num_frames": "frames", "fps": "fps", "steps": "steps",
+                 "guidance_scale": "guidance_scale"}[name]
+        return getattr(self, f"min_{short}"), getattr(self, f"max_{short}")
 
 
-@dataclass
-class Limits:
-    max_resolution: int = field(default=768, metadata={"min": 8})
-    min_resolution: int = field(default=64, metadata={"min": 8})
-    resolution_multiple: int = field(default=64, metadata={"min": 8})
-    max_frames: int = field(default=24, metadata={"min": 1})
-    min_frames: int = field(default=2, metadata={"min": 1})
-    min_fps: int = field(default=1, metadata={"min": 1})
-    max_fps: int = field(default=30, metadata={"min": 1})
-    min_steps: int = field(default=1, metadata={"min": 1})
-    max_steps: int = field(default=100, metadata={"min": 1})
-    min_guidance_scale: float = field(default=1.0, metadata={"min": 0.0})
-    max_guidance_scale: float = field(default=20.0, metadata={"min": 0.0})
-    max_prompt_chars: int = field(default=2000, metadata={"min": 1})
-    max_upload_mb: int = field(default=50, metadata={"min": 1})
-    max_image_side: int = field(default=2048, metadata={"min": 64})
-    max_image_pixels: int = field(default=150_000_000, metadata={"min": 1})
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="127.0.0.1 keeps the app private to this PC")
+    port: int = Field(7860, ge=1, le=65535)
+    max_queue_size: int = Field(8, ge=1)
 
 
-@dataclass
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = field(default=7860, metadata={"min": 1, "max": 65535})
-    max_queue_size: int = field(default=8, metadata={"min": 1})
-
-
-@dataclass
-class PathSettings:
+class PathSettings(_Section):
     outputs: str = "outputs"
     logs: str = "logs"
     models: str = "models"
 
 
-@dataclass
-class LoggingSettings:
-    level: str = field(default="INFO", metadata=_choice("DEBUG", "INFO", "WARNING", "ERROR"))
-    retention_days: int = field(default=14, metadata={"min": 1})
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    retention_days: int = Field(14, ge=1)
 
 
-@dataclass
-class AccelSettings:
-    compile: str = field(default="regional", metadata=_choice("regional", "full", "off"))
-    regions: str = field(default="layers", metadata=_choice("layers", "blocks"))
+class SpeedupSettings(_Section):
+    """The optional speedups (app.speedups). Only the first three are in config.yaml; docs/performance.md
+    explains the rest, which stay at their defaults unless a study needs them changed."""
+
+    enabled: bool = Field(True, description="speed up the UNet on CUDA; anything that fails runs eager")
+    compile_cache: bool = Field(True, description="keep compiled code under models/.compile-cache")
+    compile_helpers: Literal["auto", "0", "1", "2", "3", "4", "5", "6", "7", "8"] = Field(
+        "auto", description="processes that compile in parallel on a first start")
+    compile: Literal["regional", "full", "off"] = "regional"
+    regions: Literal["layers", "blocks"] = "layers"
     temporal_conv2d: bool = True
-    temporal_attention: str = field(default="triton", metadata=_choice("triton", "math", "sdpa"))
-    fp8_feedforward: bool = False
+    temporal_attention: Literal["triton", "math", "sdpa"] = "triton"
     share_cfg_prefix: bool = True
-    dynamic_sizes: bool = False
     deterministic: bool = True
     cuda_graphs: bool = True
-    compile_cache: bool = True
     graph_store: bool = True
     warmup: bool = True
-    compile_helpers: str = field(default="auto", metadata=_choice("auto", *map(str, range(9))))
 
 
-def _default_presets() -> dict[str, Preset]:
+def _default_presets() -> dict[str, VideoParams]:
     return {
-        "fast": Preset(512, 16, 8, 25, 9.0),
-        "standard": Preset(512, 16, 8, 50, 9.0),
-        "high": Preset(768, 24, 8, 50, 9.0),
+        "fast": VideoParams(steps=25),
+        "standard": VideoParams(),
+        "high": VideoParams(resolution=768, num_frames=24),
     }
 
 
-@dataclass
-class Settings:
-    model: ModelSettings = field(default_factory=ModelSettings)
-    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
-    presets: dict[str, Preset] = field(default_factory=_default_presets)
-    demo: Preset = field(default_factory=lambda: Preset(128, 8, 8, 10, 9.0))
-    limits: Limits = field(default_factory=Limits)
-    server: ServerSettings = field(default_factory=ServerSettings)
-    paths: PathSettings = field(default_factory=PathSettings)
-    logging: LoggingSettings = field(default_factory=LoggingSettings)
-    accel: AccelSettings = field(default_factory=AccelSettings)
-    root: Path = field(default=PROJECT_ROOT, metadata={"internal": True})
-
-    def path(self, name: str) -> Path:
-        """Absolute path of a configured folder (outputs, logs, models)."""
-        value = Path(getattr(self.paths, name))
-        return value if value.is_absolute() else self.root / value
-
-    @property
-    def model_local_dir(self) -> Path:
-        value = Path(self.model.local_dir)
-        return value if value.is_absolute() else self.root / value
-
-
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings,
     "defaults": GenerationDefaults,
     "limits": Limits,
     "server": ServerSettings,
     "paths": PathSettings,
     "logging": LoggingSettings,
-    "accel": AccelSettings,
+    "speedups": SpeedupSettings,
 }
+DEMO_DEFAULTS = VideoParams(resolution=128, num_frames=8, steps=10)
 
 
-def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
-    """Convert a YAML or env value to the field's type, or raise a one-line ConfigError."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                out: Any = value
-            elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-                out = True
-            elif isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-                out = False
-            else:
-                raise ValueError
-        elif kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            out = int(value)
-        elif kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError
-        else:
-            if value is None:
-                value = ""
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            out = str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: {value!r} is not a valid {kind}") from None
-    choices = f.metadata.get("choices")
-    if choices and out not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"{key}: {value!r} is not allowed; use one of {allowed}")
-    if "min" in f.metadata and out < f.metadata["min"]:
-        raise ConfigError(f"{key}: {value!r} is too small; the minimum is {f.metadata['min']}")
-    if "max" in f.metadata and out > f.metadata["max"]:
-        raise ConfigError(f"{key}: {value!r} is too large; the maximum is {f.metadata['max']}")
-    return out
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    model: ModelSettings = ModelSettings()
+    defaults: GenerationDefaults = GenerationDefaults()
+    presets: dict[str, VideoParams] = Field(default_factory=_default_presets)
+    # Used instead of `defaults` with the demo model: small enough that a CPU makes a (noise) video in seconds.
+    demo: VideoParams = DEMO_DEFAULTS
+    limits: Limits = Limits()
+    server: ServerSettings = ServerSettings()
+    paths: PathSettings = PathSettings()
+    logging: LoggingSettings = LoggingSettings()
+    speedups: SpeedupSettings = SpeedupSettings()
+    root: Path = PROJECT_ROOT
+
+    def path(self, name: str) -> Path:
+        """Absolute path of a configured folder (outputs, logs, models)."""
+        value = Path(getattr(self.paths, name)).expanduser()
+        return value if value.is_absolute() else self.root / value
+
+    @property
+    def model_local_dir(self) -> Path:
+        value = Path(self.model.local_dir).expanduser()
+        return value if value.is_absolute() else self.root / value
 
 
-def _build_section(name: str, cls: type, raw: Any) -> Any:
+def _one_line(prefix: str, cls: type[BaseModel], exc: ValidationError) -> ConfigError:
+    """The first problem pydantic found, as `section.key: value ...: what is allowed`."""
+    err = exc.errors()[0]
+    key = ".".join([prefix, *(str(p) for p in err["loc"])])
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"{key}: unknown setting; allowed keys are {', '.join(sorted(cls.model_fields))}")
+    value = err.get("input")
+    if err["type"] == "literal_error":
+        allowed = err["ctx"]["expected"].replace(" or ", ", ")
+        return ConfigError(f"{key}: {value!r} is not allowed; use one of {allowed}")
+    return ConfigError(f"{key}: {value!r} is not valid: {err['msg'][0].lower()}{err['msg'][1:]}")
+
+
+def _build(prefix: str, cls: type[BaseModel], raw: Any) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{name}: expected a mapping of settings, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{name}.{unknown[0]}: unknown setting; allowed keys are {', '.join(sorted(fields))}"
-        )
-    values = {k: _coerce(f"{name}.{k}", v, fields[k]) for k, v in raw.items()}
-    return dataclasses.replace(cls(), **values)
-
-
-def _build_preset(key: str, body: Any) -> Preset:
-    if not isinstance(body, Mapping):
-        raise ConfigError(f"{key}: expected a mapping, got {body!r}")
-    fields = {f.name: f for f in dataclasses.fields(Preset)}
-    missing = sorted(set(fields) - set(body))
-    unknown = sorted(set(body) - set(fields))
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown setting; allowed keys are {', '.join(sorted(fields))}")
-    if missing:
-        raise ConfigError(f"{key}.{missing[0]}: missing; a preset needs {', '.join(sorted(fields))}")
-    return Preset(**{k: _coerce(f"{key}.{k}", v, fields[k]) for k, v in body.items()})
-
-
-def _build_presets(raw: Any) -> dict[str, Preset]:
-    if raw is None:
-        return _default_presets()
-    if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(f"presets: expected a non-empty mapping of named presets, got {raw!r}")
-    return {str(name): _build_preset(f"presets.{name}", body) for name, body in raw.items()}
+        raise ConfigError(f"{prefix}: expected a mapping of settings, got {raw!r}")
+    try:
+        return cls(**{str(k): v for k, v in raw.items()})
+    except ValidationError as exc:
+        raise _one_line(prefix, cls, exc) from None
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -254,53 +209,24 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
 
 def _check_consistency(s: Settings) -> None:
     lim = s.limits
-    pairs = [
-        ("resolution", lim.min_resolution, lim.max_resolution),
-        ("frames", lim.min_frames, lim.max_frames),
-        ("fps", lim.min_fps, lim.max_fps),
-        ("steps", lim.min_steps, lim.max_steps),
-        ("guidance_scale", lim.min_guidance_scale, lim.max_guidance_scale),
-    ]
-    for name, lo, hi in pairs:
+    for name in VideoParams.model_fields:
+        lo, hi = lim.bounds(name)
         if lo > hi:
-            raise ConfigError(f"limits: min_{name} {lo!r} is larger than max_{name} {hi!r}")
-    d = s.defaults
-    checks = [
-        ("defaults.resolution", d.resolution, lim.min_resolution, lim.max_resolution),
-        ("defaults.num_frames", d.num_frames, lim.min_frames, lim.max_frames),
-        ("defaults.fps", d.fps, lim.min_fps, lim.max_fps),
-        ("defaults.steps", d.steps, lim.min_steps, lim.max_steps),
-        ("defaults.guidance_scale", d.guidance_scale, lim.min_guidance_scale, lim.max_guidance_scale),
-    ]
-    for prefix, p in [*((f"presets.{n}", p) for n, p in s.presets.items()), ("demo", s.demo)]:
-        checks += [
-            (f"{prefix}.resolution", p.resolution, lim.min_resolution, lim.max_resolution),
-            (f"{prefix}.num_frames", p.num_frames, lim.min_frames, lim.max_frames),
-            (f"{prefix}.fps", p.fps, lim.min_fps, lim.max_fps),
-            (f"{prefix}.steps", p.steps, lim.min_steps, lim.max_steps),
-            (f"{prefix}.guidance_scale", p.guidance_scale, lim.min_guidance_scale, lim.max_guidance_scale),
-        ]
-    for key, value, lo, hi in checks:
-        if not lo <= value <= hi:
-            raise ConfigError(f"{key}: {value!r} is outside the limits; allowed is {lo} to {hi}")
-    for key, value in [("defaults.resolution", d.resolution), ("demo.resolution", s.demo.resolution)] + [
-        (f"presets.{n}.resolution", p.resolution) for n, p in s.presets.items()
-    ]:
-        if value % lim.resolution_multiple:
-            raise ConfigError(f"{key}: {value!r} is not a multiple of limits.resolution_multiple ({lim.resolution_multiple})")
+            short = "frames" if name == "num_frames" else name
+            raise ConfigError(f"limits: min_{short} {lo!r} is larger than max_{short} {hi!r}")
+    records = [("defaults", s.defaults), *((f"presets.{n}", p) for n, p in s.presets.items()), ("demo", s.demo)]
+    for prefix, params in records:
+        for name in VideoParams.model_fields:
+            lo, hi = lim.bounds(name)
+            value = getattr(params, name)
+            if not lo <= value <= hi:
+                raise ConfigError(f"{prefix}.{name}: {value!r} is outside the limits; allowed is {lo} to {hi}")
+        if params.resolution % lim.resolution_multiple:
+            raise ConfigError(f"{prefix}.resolution: {params.resolution!r} is not a multiple of "
+                              f"limits.resolution_multiple ({lim.resolution_multiple})")
 
 
-def load_settings(
-    path: Path | str | None = None,
-    environ: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    root: Path | None = None,
-) -> Settings:
-    """Load and validate the settings. Raises ConfigError with a one-line message."""
-    environ = os.environ if environ is None else environ
-    if path is None:
-        path = environ.get(ENV_PREFIX + "CONFIG") or (root or PROJECT_ROOT) / "configs" / "config.yaml"
-    path = Path(path)
+def _read_yaml(path: Path) -> Mapping[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -313,9 +239,28 @@ def load_settings(
         raise ConfigError(f"config file {path}: not valid YAML{where}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top")
-    unknown = sorted(set(raw) - set(SECTIONS) - {"presets", "demo"})
+    allowed = [*SECTIONS, "presets", "demo"]
+    unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; allowed are {', '.join(list(SECTIONS) + ['presets', 'demo'])}")
+        raise ConfigError(f"{unknown[0]}: unknown section; allowed are {', '.join(allowed)}")
+    return raw
+
+
+def load_settings(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    root: Path | None = None,
+) -> Settings:
+    """Load and validate the settings. Raises ConfigError with a one-line message."""
+    environ = os.environ if environ is None else environ
+    root = root or PROJECT_ROOT
+    if path is None:
+        path = environ.get(ENV_PREFIX + "CONFIG") or root / "configs" / "config.yaml"
+    path = Path(path)
+    if not path.is_absolute():
+        path = root / path
+    raw = _read_yaml(path)
 
     for name in SECTIONS:
         if raw.get(name) is not None and not isinstance(raw[name], Mapping):
@@ -327,8 +272,24 @@ def load_settings(
                 raise ConfigError(f"{section}: unknown section; use one of {', '.join(SECTIONS)}")
             merged[section].update({k: v for k, v in values.items() if v is not None})
 
-    built = {name: _build_section(name, cls, merged[name]) for name, cls in SECTIONS.items()}
-    demo = _build_preset("demo", raw["demo"]) if raw.get("demo") is not None else Preset(128, 8, 8, 10, 9.0)
-    settings = Settings(presets=_build_presets(raw.get("presets")), demo=demo, root=root or PROJECT_ROOT, **built)
+    built = {name: _build(name, cls, merged[name]) for name, cls in SECTIONS.items()}
+    presets_raw = raw.get("presets")
+    if presets_raw is None:
+        presets = _default_presets()
+    elif not isinstance(presets_raw, Mapping) or not presets_raw:
+        raise ConfigError(f"presets: expected a non-empty mapping of named presets, got {presets_raw!r}")
+    else:
+        presets = {str(n): _build_preset(f"presets.{n}", body) for n, body in presets_raw.items()}
+    demo = DEMO_DEFAULTS if raw.get("demo") is None else _build_preset("demo", raw["demo"])
+    settings = Settings(presets=presets, demo=demo, root=root, **built)
     _check_consistency(settings)
     return settings
+
+
+def _build_preset(prefix: str, body: Any) -> VideoParams:
+    """A preset names all five numbers: a missing one is an error, not a silent default."""
+    if isinstance(body, Mapping):
+        missing = [n for n in VideoParams.model_fields if n not in body]
+        if missing and not set(body) - set(VideoParams.model_fields):
+            raise ConfigError(f"{prefix}.{missing[0]}: missing; a preset needs {', '.join(VideoParams.model_fields)}")
+    return _build(prefix, VideoParams, body)

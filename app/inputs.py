@@ -10,30 +10,16 @@ import math
 import numbers
 import secrets
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.config import Limits
+from app.config import Limits, VideoParams
 from app.errors import InputError
 
 MAX_SEED = 2 ** 32 - 1
-
-
-@dataclass(frozen=True)
-class Params:
-    """Validated numbers of one request."""
-
-    resolution: int
-    num_frames: int
-    fps: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    seed_was_random: bool
 
 
 # Image -------------------------------------------------------------------------------------------
@@ -167,20 +153,27 @@ def _number(name: str, value: Any, *, integer: bool, lo: float, hi: float) -> fl
     return value
 
 
-def check_params(*, resolution: Any, num_frames: Any, fps: Any, steps: Any, guidance_scale: Any,
-                 seed: Any, limits: Limits) -> Params:
-    res = _number("resolution", resolution, integer=True, lo=limits.min_resolution, hi=limits.max_resolution)
-    if res % limits.resolution_multiple:
-        raise InputError(
-            f"resolution {res} must be a multiple of {limits.resolution_multiple} (e.g. 512 or 768).",
-            f"分辨率 {res} 必须是 {limits.resolution_multiple} 的倍数(例如 512 或 768)。")
-    frames = _number("num_frames", num_frames, integer=True, lo=limits.min_frames, hi=limits.max_frames)
-    fps_v = _number("fps", fps, integer=True, lo=limits.min_fps, hi=limits.max_fps)
-    steps_v = _number("steps", steps, integer=True, lo=limits.min_steps, hi=limits.max_steps)
-    cfg = _number("guidance_scale", guidance_scale, integer=False, lo=limits.min_guidance_scale,
-                  hi=limits.max_guidance_scale)
-    seed_v = _number("seed", -1 if seed is None else seed, integer=True, lo=-1, hi=MAX_SEED)
-    random_seed = seed_v == -1
-    if random_seed:
-        seed_v = secrets.randbelow(MAX_SEED + 1)
-    return Params(int(res), int(frames), int(fps_v), int(steps_v), float(cfg), int(seed_v), random_seed)
+def check_video(values: Mapping[str, Any], limits: Limits) -> VideoParams:
+    """The five video numbers, each a number of the right kind within its limits (a missing one is an error)."""
+    unknown = sorted(set(values) - set(VideoParams.model_fields))
+    if unknown:
+        raise InputError(f"Unknown parameter {unknown[0]!r}; use {', '.join(VideoParams.model_fields)}.",
+                         f"未知参数 {unknown[0]!r};可用参数:{', '.join(VideoParams.model_fields)}。")
+    out: dict[str, Any] = {}
+    for name, info in VideoParams.model_fields.items():
+        lo, hi = limits.bounds(name)
+        out[name] = _number(name, values.get(name), integer=info.annotation is int, lo=lo, hi=hi)
+        if name == "resolution" and out[name] % limits.resolution_multiple:
+            res = out[name]
+            raise InputError(
+                f"resolution {res} must be a multiple of {limits.resolution_multiple} (e.g. 512 or 768).",
+                f"分辨率 {res} 必须是 {limits.resolution_multiple} 的倍数(例如 512 或 768)。")
+    return VideoParams(**out)
+
+
+def check_seed(seed: Any) -> tuple[int, bool]:
+    """(seed, whether it was drawn at random): -1 or None draws one."""
+    value = int(_number("seed", -1 if seed is None else seed, integer=True, lo=-1, hi=MAX_SEED))
+    if value == -1:
+        return secrets.randbelow(MAX_SEED + 1), True
+    return value, False

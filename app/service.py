@@ -1,6 +1,6 @@
 """GenerationService: validate a request, run one GPU job at a time, write the MP4, free memory.
 
-The UI, the CLI and (later) a Celery worker all talk to this one interface. The engine is built
+The UI and the CLI talk to this one interface. The engine is built
 by a loader function passed in, so tests can swap in fakes.
 """
 
@@ -11,15 +11,15 @@ import logging
 import platform
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from PIL import Image
 
 import app
-from app.config import Settings
+from app.config import Settings, VideoParams
 from app.engine import device as gpu
 from app.engine.imageops import center_crop_resize
 from app.engine.loader import LoadedEngine
@@ -32,7 +32,7 @@ from app.errors import (
     ModelNotReadyError,
     OutOfMemoryError,
 )
-from app.inputs import check_params, check_prompt, load_image
+from app.inputs import check_prompt, check_seed, check_video, load_image
 from app.video import (
     VideoEntry,
     VideoFile,
@@ -66,18 +66,15 @@ class Message:
 
 @dataclass
 class GenerationRequest:
-    """What a user asks for. Unset numbers come from the preset, then the config defaults."""
+    """What a user asks for. `video` holds the VideoParams numbers the user set (None or absent: unset);
+    unset numbers come from the preset, then the config defaults."""
 
     image: Any
     prompt: Any
     negative_prompt: Any = None
-    resolution: Any = None
-    num_frames: Any = None
-    fps: Any = None
-    steps: Any = None
-    guidance_scale: Any = None
     seed: Any = None
     preset: str | None = None
+    video: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,8 +94,11 @@ EngineLoader = Callable[[], LoadedEngine]
 def _library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    versions = {"app": app.__version__, "python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "gradio", "imageio-ffmpeg"):
+    import torch
+
+    # torch's own version string names its build (2.14.1+cu130, 2.13.0+cpu); the package version does not.
+    versions = {"app": app.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("diffusers", "transformers", "accelerate", "gradio", "imageio-ffmpeg"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -206,9 +206,9 @@ class GenerationService:
                         vram_used_by_app_gib=vram.used_by_app_gib)
         return info
 
-    def default_params(self) -> Any:
+    def default_params(self) -> VideoParams:
         """Where unset values come from: the demo defaults with the demo model, else the config's defaults."""
-        return self.settings.demo if self._engine is not None and self._engine.demo else self.settings.defaults
+        return self.settings.demo if self._engine is not None and self._engine.demo else self.settings.defaults.video()
 
     # Validation ----------------------------------------------------------------------------------
     def resolve(self, req: GenerationRequest) -> tuple[Image.Image, SampleRequest, list[Message], bool]:
@@ -221,17 +221,12 @@ class GenerationService:
                                  f"未知预设 {req.preset!r};可选:{', '.join(s.presets)}。")
             preset = s.presets[req.preset]
         base = preset or self.default_params()
-
-        def pick(value: Any, name: str) -> Any:
-            return getattr(base, name) if value is None else value
-
         prompt = check_prompt(req.prompt, s.limits)
         negative = check_prompt(s.defaults.negative_prompt if req.negative_prompt is None else req.negative_prompt,
                                 s.limits, name="negative_prompt", allow_empty=True)
-        params = check_params(resolution=pick(req.resolution, "resolution"),
-                              num_frames=pick(req.num_frames, "num_frames"), fps=pick(req.fps, "fps"),
-                              steps=pick(req.steps, "steps"), guidance_scale=pick(req.guidance_scale, "guidance_scale"),
-                              seed=s.defaults.seed if req.seed is None else req.seed, limits=s.limits)
+        chosen = {k: v for k, v in req.video.items() if v is not None}
+        video = check_video({**base.model_dump(), **chosen}, s.limits)
+        seed, seed_random = check_seed(s.defaults.seed if req.seed is None else req.seed)
         image = load_image(req.image, s.limits)
         warnings: list[Message] = []
         engine = self._engine
@@ -241,11 +236,9 @@ class GenerationService:
                 warnings.append(Message(
                     f"The prompt has {tokens} tokens; CLIP reads only the first {CLIP_MAX_TOKENS}, the rest was ignored.",
                     f"提示词共 {tokens} 个 token,CLIP 只读取前 {CLIP_MAX_TOKENS} 个,其余部分被忽略。"))
-        sample = SampleRequest(image=image, prompt=prompt, negative_prompt=negative, height=params.resolution,
-                               width=params.resolution, num_frames=params.num_frames, fps=params.fps,
-                               steps=params.steps, guidance_scale=params.guidance_scale, seed=params.seed,
+        sample = SampleRequest(image=image, prompt=prompt, negative_prompt=negative, video=video, seed=seed,
                                decode_chunk_size=s.defaults.decode_chunk_size)
-        return image, sample, warnings, params.seed_was_random
+        return image, sample, warnings, seed_random
 
     def preview_crop(self, image: Any, resolution: int) -> Image.Image:
         """The centre crop the model will actually see, for the UI's preview."""
@@ -307,7 +300,7 @@ class GenerationService:
                 "device": str(engine.device),
                 "dtype": engine.dtype_name,
                 "low_vram": engine.offload,
-                "accel": asdict(engine.accel),
+                "speedups": engine.speedups,
                 "input_image_size": list(image.size),
                 "prompt_truncated": result.prompt_truncated,
                 "warnings": [w.en for w in warnings],

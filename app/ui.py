@@ -205,11 +205,11 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
     lim, dflt = settings.limits, settings.defaults
     jobs = CancelRegistry()
     logs_dir = settings.path("logs")
-    default_values = (dflt.resolution, dflt.num_frames, dflt.fps, dflt.steps, dflt.guidance_scale)
+    default_values = tuple(dflt.video().model_dump().values())
 
-    def preset_values(name: str) -> tuple[int, int, int, int, float]:
-        p = settings.demo if name == "demo" else settings.presets[name]
-        return p.resolution, p.num_frames, p.fps, p.steps, p.guidance_scale
+    def preset_values(name: str) -> tuple[Any, ...]:
+        """The sliders' values (resolution, frames, fps, steps, guidance) for a preset, in VideoParams' order."""
+        return tuple((settings.demo if name == "demo" else settings.presets[name]).model_dump().values())
 
     preset_choices = [(L(f"preset:{name}"), name) for name in settings.presets]
     default_preset = next((n for n in settings.presets if preset_values(n) == default_values), None)
@@ -390,9 +390,9 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             lang = request_lang(request)
             session = request.session_hash or "no-session"
             cancel = jobs.open(session)
-            req = GenerationRequest(image=image, prompt=prompt, negative_prompt=negative_prompt,
-                                    resolution=resolution, num_frames=num_frames, fps=fps, steps=steps,
-                                    guidance_scale=guidance_scale, seed=seed)
+            req = GenerationRequest(image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                                    video=dict(resolution=resolution, num_frames=num_frames, fps=fps, steps=steps,
+                                               guidance_scale=guidance_scale))
             try:
                 result = _generate_with_progress(service, req, cancel, progress, lang)
             except AppError as exc:

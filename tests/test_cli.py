@@ -97,7 +97,7 @@ def test_exit_code_config_error(env_dirs, input_png, capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("server:\n  port: -5\n", encoding="utf-8")
     code, text = _run(capsys, "generate", "--config", str(bad), "--image", str(input_png), "--prompt", "x")
-    assert code == 6 and "server.port: -5 is too small; the minimum is 1" in text
+    assert code == 6 and "server.port: -5 is not valid: input should be greater than or equal to 1" in text
 
 
 def test_download_offline_exit_code(env_dirs, capsys):
@@ -113,11 +113,13 @@ def test_help_documents_exit_codes(capsys):
 
 
 def test_the_console_says_when_a_start_is_compiling(env_dirs, input_png, capsys, monkeypatch):
+    import app.speedups
     from app.engine import loader
     from app.speedups.unet import AccelReport
 
     # On the CPU nothing compiles: pretend the speedups applied, so the warm-up stage runs.
-    monkeypatch.setattr(loader, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
+    monkeypatch.setattr(loader, "speedups_skipped", lambda *a: None)
+    monkeypatch.setattr(app.speedups, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
     monkeypatch.setattr(loader, "warmup", lambda sampler, settings: 0.1)
     code, out = _run(capsys, "generate", "--model", "tiny", "--image", str(input_png), "--prompt", "a cat",
                      "--resolution", "64", "--frames", "4", "--steps", "2", "--quiet")

@@ -9,15 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
+from app.config import VideoParams
 from app.engine.sampler import DDIMTable, SampleRequest
 from app.errors import CancelledError
 
 
 def _request(image_rgb, **kw) -> SampleRequest:
-    base = dict(image=Image.fromarray(image_rgb), prompt="a cat walking", negative_prompt="blurry, static",
-                height=64, width=64, num_frames=4, fps=8, steps=2, guidance_scale=6.0, seed=3)
-    base.update(kw)
-    return SampleRequest(**base)
+    video = dict(resolution=64, num_frames=4, fps=8, steps=2, guidance_scale=6.0)
+    video.update({k: kw.pop(k) for k in list(kw) if k in video})
+    base = dict(image=Image.fromarray(image_rgb), prompt="a cat walking", negative_prompt="blurry, static", seed=3)
+    return SampleRequest(**{**base, **kw}, video=VideoParams(**video))
 
 
 def _reference_pipeline(engine, tiny_model_dir):
@@ -34,7 +35,7 @@ def _reference_pipeline(engine, tiny_model_dir):
 @pytest.mark.parametrize("guidance", [6.0, 1.0])
 def test_frames_match_diffusers_reference_pipeline(tiny_engine, tiny_model_dir, image_rgb, guidance):
     sampler = tiny_engine.sampler
-    req = _request(image_rgb, guidance_scale=guidance, steps=3, height=64, width=128)
+    req = _request(image_rgb, guidance_scale=guidance, steps=3, resolution=64, width_override=128)
     prompt_embeds = sampler.encode_prompt(req.prompt)
     negative_embeds = sampler.encode_prompt(req.negative_prompt)
     noise = torch.randn(sampler.latent_shape(req), generator=torch.Generator().manual_seed(123))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from app.config import Limits
 from app.errors import InputError
-from app.inputs import check_params, check_prompt, load_image
+from app.inputs import check_prompt, check_seed, check_video, load_image
 
 LIMITS = Limits()
 
@@ -112,7 +112,7 @@ def test_prompt_rules():
     assert check_prompt("", LIMITS, name="negative_prompt", allow_empty=True) == ""
 
 
-GOOD = dict(resolution=512, num_frames=16, fps=8, steps=50, guidance_scale=9.0, seed=1)
+GOOD = dict(resolution=512, num_frames=16, fps=8, steps=50, guidance_scale=9.0)
 
 
 @pytest.mark.parametrize(
@@ -130,19 +130,33 @@ GOOD = dict(resolution=512, num_frames=16, fps=8, steps=50, guidance_scale=9.0, 
         ("steps", None, "must be a number"),
         ("guidance_scale", math.inf, "finite"),
         ("guidance_scale", 25.0, "1.0–20.0"),
-        ("seed", -2, "-1–4294967295"),
-        ("seed", "abc", "must be a number"),
     ],
 )
 def test_bad_parameters_name_the_limit(field, value, en_part):
-    err = _errors(check_params, **{**GOOD, field: value}, limits=LIMITS)
+    err = _errors(check_video, {**GOOD, field: value}, LIMITS)
     assert en_part in err.en
     assert field in err.en
     assert err.zh != err.en
 
 
+@pytest.mark.parametrize("value, en_part", [(-2, "-1–4294967295"), ("abc", "must be a number")])
+def test_bad_seed_names_the_limit(value, en_part):
+    err = _errors(check_seed, value)
+    assert en_part in err.en and "seed" in err.en and "种子" in err.zh
+
+
+def test_a_missing_or_unknown_video_parameter_is_named():
+    err = _errors(check_video, {k: v for k, v in GOOD.items() if k != "fps"}, LIMITS)
+    assert "fps must be a number, got None" in err.en and "帧率" in err.zh
+    err = _errors(check_video, {**GOOD, "frames": 16}, LIMITS)
+    assert "Unknown parameter 'frames'" in err.en and "未知参数" in err.zh
+
+
 def test_random_seed_and_integral_floats():
-    p = check_params(**{**GOOD, "seed": -1, "num_frames": 16.0}, limits=LIMITS)
-    assert p.seed_was_random and 0 <= p.seed <= 2 ** 32 - 1
-    assert p.num_frames == 16 and isinstance(p.num_frames, int)
-    assert check_params(**GOOD, limits=LIMITS).seed == 1
+    seed, drawn = check_seed(-1)
+    assert drawn and 0 <= seed <= 2 ** 32 - 1
+    assert check_seed(None)[1] is True
+    assert check_seed(1) == (1, False)
+    video = check_video({**GOOD, "num_frames": 16.0}, LIMITS)
+    assert video.num_frames == 16 and isinstance(video.num_frames, int)
+    assert isinstance(check_video({**GOOD, "guidance_scale": 9}, LIMITS).guidance_scale, float)

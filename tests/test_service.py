@@ -18,9 +18,9 @@ from app.service import GenerationRequest, GenerationService, ModelState
 
 
 def _req(image, **kw) -> GenerationRequest:
-    base = dict(image=image, prompt="a cat walking", resolution=64, num_frames=4, fps=8, steps=2, seed=5)
-    base.update(kw)
-    return GenerationRequest(**base)
+    video = dict(resolution=64, num_frames=4, fps=8, steps=2)
+    video.update({k: kw.pop(k) for k in list(kw) if k in video or k == "guidance_scale"})
+    return GenerationRequest(**{"image": image, "prompt": "a cat walking", "seed": 5, **kw}, video=video)
 
 
 class FakeSampler:
@@ -160,7 +160,7 @@ def test_preset_and_demo_defaults(make_service, settings, image_rgb):
     demo = settings.demo
     assert (sample.width, sample.num_frames, sample.steps) == (demo.resolution, demo.num_frames, demo.steps)
     assert random_seed
-    _, sample, _, _ = svc.resolve(GenerationRequest(image=image_rgb, prompt="x", preset="high", num_frames=20))
+    _, sample, _, _ = svc.resolve(GenerationRequest(image=image_rgb, prompt="x", preset="high", video={"num_frames": 20}))
     assert (sample.width, sample.num_frames) == (768, 20)
 
 
@@ -186,12 +186,14 @@ def test_history_lists_newest_first(make_service, image_rgb):
 
 
 def test_the_status_line_says_what_loading_is_doing_and_ready_wins(settings, monkeypatch):
+    import app.speedups
     from app.engine import loader
     from app.speedups.unet import AccelReport
 
     heard: list[tuple[str, str]] = []
     # On the CPU nothing compiles: pretend the speedups applied, so the warm-up stage runs.
-    monkeypatch.setattr(loader, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
+    monkeypatch.setattr(loader, "speedups_skipped", lambda *a: None)
+    monkeypatch.setattr(app.speedups, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
     monkeypatch.setattr(loader, "warmup", lambda sampler, s: heard.append(("warm-up", "")) or 0.1)
 
     def listen(stage: str) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 from app.speedups.unet import apply_accel, remove_accel
 from app.engine.components import load_components
 from app.speedups.graphstore import GraphStore, store_folder
+from app.config import VideoParams
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,8 +70,8 @@ def sampler(tiny_model_dir):
 
 
 def _req(image_rgb, steps=2) -> SampleRequest:
-    return SampleRequest(image=Image.fromarray(image_rgb), prompt="a cat", negative_prompt="", height=64, width=64,
-                         num_frames=4, fps=8, steps=steps, guidance_scale=6.0, seed=1)
+    return SampleRequest(image=Image.fromarray(image_rgb), prompt="a cat", negative_prompt="", seed=1,
+                         video=VideoParams(resolution=64, num_frames=4, fps=8, steps=steps, guidance_scale=6.0))
 
 
 def _store_compiler(store_box: list):
@@ -207,11 +208,7 @@ def test_with_grad_enabled_the_compiled_way_is_taken(tmp_path):
     assert len(calls) == 1 and not list(tmp_path.iterdir())
 
 
-def test_dynamic_sizes_and_no_store_folder_use_no_store(sampler):
-    report = apply_accel(sampler, "regional", compiler=lambda fn, **kw: fn, force=True, dynamic_sizes=True,
-                         graph_store=Path("unused"))
-    assert report.graph_store is None
-    remove_accel(sampler)
+def test_no_store_folder_uses_no_store(sampler):
     report = apply_accel(sampler, "regional", compiler=lambda fn, **kw: fn, force=True)
     assert report.graph_store is None
 

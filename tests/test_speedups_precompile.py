@@ -30,6 +30,7 @@ from app.speedups.precompile import (
     record_region_calls,
 )
 from app.speedups.rewrites import cfg_pair
+from app.config import VideoParams
 from app.engine.sampler import SampleRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,13 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _job(model_dir: Path, **kw) -> PrecompileJob:
     base = dict(model_dir=str(model_dir), device="cpu", dtype="float32", regions="layers", temporal_conv2d=True,
-                temporal_attention="math", dynamic_sizes=False, share_cfg_prefix=True, height=64, width=64, num_frames=4, cfg=True)
+                temporal_attention="math", share_cfg_prefix=True, height=64, width=64, num_frames=4, cfg=True)
     return PrecompileJob(**{**base, **kw})
 
 
 def _request(image, res=64, frames=4, steps=1):
-    return SampleRequest(image=image, prompt="a", negative_prompt="", height=res, width=res, num_frames=frames,
-                         fps=8, steps=steps, guidance_scale=9.0, seed=0)
+    return SampleRequest(image=image, prompt="a", negative_prompt="", seed=0,
+                         video=VideoParams(resolution=res, num_frames=frames, fps=8, steps=steps, guidance_scale=9.0))
 
 
 @pytest.fixture
@@ -158,6 +159,7 @@ from PIL import Image
 from app.speedups.unet import apply_accel, remove_accel
 from app.engine.components import load_components
 from app.speedups.precompile import RegionRecorder
+from app.config import VideoParams
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 from torch._dynamo.utils import counters
 model, paths = sys.argv[1], set(json.loads(sys.argv[2]))
@@ -173,8 +175,8 @@ names = {id(m): n for n, m in s.c.unet.named_modules()}
 hooks = [m.register_forward_pre_hook(lambda m, a, k: args.setdefault(names[id(m)], (a, k)), with_kwargs=True)
          for n, m in s.c.unet.named_modules() if n in paths]
 img = Image.new("RGB", (64, 64), (120, 30, 200))
-s(SampleRequest(image=img, prompt="a", negative_prompt="", height=64, width=64, num_frames=4, fps=8, steps=1,
-                guidance_scale=9.0, seed=0))
+s(SampleRequest(image=img, prompt="a", negative_prompt="", seed=0,
+                video=VideoParams(resolution=64, num_frames=4, fps=8, steps=1, guidance_scale=9.0)))
 for h in hooks:
     h.remove()
 remove_accel(s)

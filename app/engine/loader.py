@@ -115,9 +115,9 @@ def warmup(sampler: I2VGenXLSampler, settings: Settings) -> float:
     """Compile for the default shape now (two steps), so the first user request runs at full speed."""
     d = settings.defaults
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (d.resolution, d.resolution, 3), np.uint8))
-    req = SampleRequest(image=image, prompt="warm-up", negative_prompt=d.negative_prompt, height=d.resolution,
-                        width=d.resolution, num_frames=d.num_frames, fps=d.fps, steps=2,
-                        guidance_scale=d.guidance_scale, seed=0, decode_chunk_size=d.decode_chunk_size)
+    req = SampleRequest(image=image, prompt="warm-up", negative_prompt=d.negative_prompt,
+                        video=d.video().model_copy(update={"steps": 2}), seed=0,
+                        decode_chunk_size=d.decode_chunk_size)
     started = time.perf_counter()
     sampler(req)
     took = time.perf_counter() - started

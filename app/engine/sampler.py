@@ -1,6 +1,6 @@
 """Our I2VGen-XL sampling loop: prompt and image encoding, DDIM with batched CFG, chunked VAE decode.
 
-We own this loop (DESIGN.md) because diffusers' I2VGenXLPipeline is deprecated, has no step
+We own this loop because diffusers' I2VGenXLPipeline is deprecated, has no step
 callback or interrupt, and crashes with transformers >= 5.6 on its clip_skip path.
 The numbered steps follow that pipeline, so the two can be compared output for output.
 """
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.config import VideoParams
 from app.engine.components import Components
 from app.engine.imageops import center_crop_resize, clip_input
 from app.errors import CancelledError
@@ -27,19 +28,40 @@ CLIP_MAX_TOKENS = 77
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """One generation's inputs, already validated. `image` is RGB."""
+    """One generation's inputs, already validated. `image` is RGB. The video is `video.resolution` pixels high
+    and as wide, unless `width_override` names another width (the app's videos are square)."""
 
     image: Image.Image
     prompt: str
     negative_prompt: str
-    height: int
-    width: int
-    num_frames: int
-    fps: int
-    steps: int
-    guidance_scale: float
+    video: VideoParams
     seed: int
     decode_chunk_size: int = 4
+    width_override: int | None = None
+
+    @property
+    def height(self) -> int:
+        return self.video.resolution
+
+    @property
+    def width(self) -> int:
+        return self.width_override or self.video.resolution
+
+    @property
+    def num_frames(self) -> int:
+        return self.video.num_frames
+
+    @property
+    def fps(self) -> int:
+        return self.video.fps
+
+    @property
+    def steps(self) -> int:
+        return self.video.steps
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.video.guidance_scale
 
 
 @dataclass(frozen=True)
