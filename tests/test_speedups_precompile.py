@@ -274,6 +274,7 @@ class FakeHelpers:
 
 
 def test_the_loader_follows_the_helpers_during_the_warm_up_and_records_it(settings, tiny_model_dir, monkeypatch):
+    import app.speedups
     from app.engine import loader
     from app.speedups.unet import AccelReport
 
@@ -281,12 +282,15 @@ def test_the_loader_follows_the_helpers_during_the_warm_up_and_records_it(settin
     fake = FakeHelpers(order)
     job = _job(tiny_model_dir)
     # On the CPU there are no helpers and nothing compiles: pretend both, so the GPU path runs.
-    monkeypatch.setattr(loader, "precompile_job", lambda *a: job)
-    monkeypatch.setattr(loader, "begin_helpers", lambda j, setting, cache: order.append(f"start {setting}") or fake)
-    monkeypatch.setattr(loader, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
+    monkeypatch.setattr(loader, "speedups_skipped", lambda *a: None)
+    monkeypatch.setattr(app.speedups, "precompile_job", lambda *a: job)
+    monkeypatch.setattr(app.speedups, "begin_helpers",
+                        lambda j, setting, cache: order.append(f"start {setting}") or fake)
+    monkeypatch.setattr(app.speedups, "apply_accel", lambda sampler, *a, **k: AccelReport(compile="regional"))
     real_warmup = loader.warmup
     monkeypatch.setattr(loader, "warmup", lambda sampler, s: order.append("warm-up") or real_warmup(sampler, s))
-    settings.defaults.resolution, settings.defaults.num_frames, settings.defaults.steps = 64, 4, 2
+    small = settings.defaults.model_copy(update={"resolution": 64, "num_frames": 4, "steps": 2})
+    settings = settings.model_copy(update={"defaults": small})
 
     engine = loader.load_engine(settings, source="tiny")
     # The warm-up runs with the helpers followed region by region; their summaries are collected after it.
@@ -298,12 +302,14 @@ def test_the_loader_follows_the_helpers_during_the_warm_up_and_records_it(settin
 
 
 def test_the_loader_stops_helpers_when_loading_fails(settings, tiny_model_dir, monkeypatch):
+    import app.speedups
     from app.engine import loader
     from app.errors import ModelMissingError
 
     fake = FakeHelpers()
-    monkeypatch.setattr(loader, "precompile_job", lambda *a: _job(tiny_model_dir))
-    monkeypatch.setattr(loader, "begin_helpers", lambda *a: fake)
+    monkeypatch.setattr(loader, "speedups_skipped", lambda *a: None)
+    monkeypatch.setattr(app.speedups, "precompile_job", lambda *a: _job(tiny_model_dir))
+    monkeypatch.setattr(app.speedups, "begin_helpers", lambda *a: fake)
 
     def broken(*a, **k):
         raise ModelMissingError("weights unreadable", "权重无法读取")
@@ -315,10 +321,11 @@ def test_the_loader_stops_helpers_when_loading_fails(settings, tiny_model_dir, m
 
 
 def test_no_helpers_on_the_cpu_or_in_low_vram_mode(settings, tiny_model_dir):
-    from app.engine.loader import precompile_job
+    from app.speedups import precompile_job
 
-    assert precompile_job(settings, tiny_model_dir, torch.device("cpu"), torch.float32, False) is None
-    assert precompile_job(settings, tiny_model_dir, torch.device("cuda"), torch.float16, True) is None
+    shape = (64, 4, True)
+    assert precompile_job(settings.speedups, tiny_model_dir, torch.device("cpu"), torch.float32, False, shape) is None
+    assert precompile_job(settings.speedups, tiny_model_dir, torch.device("cuda"), torch.float16, True, shape) is None
 
 
 def test_begin_helpers_skips_a_warm_cache_and_the_setting_0(tiny_model_dir, tmp_path, monkeypatch):

@@ -95,7 +95,13 @@ def test_no_triton_means_eager_with_a_note(sampler, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    # The device decides: forced onto the CPU, Inductor's C++ backend needs no Triton, so compile stays on.
     report = apply_accel(sampler, "regional", force=True)
+    assert report.compile == "regional" and not any("Triton is not installed" in n for n in report.notes)
+    remove_accel(sampler)
+    # On CUDA, Inductor needs Triton: without it, eager with a note (nothing here touches the GPU).
+    monkeypatch.setattr(sampler, "device", torch.device("cuda"))
+    report = apply_accel(sampler, "regional")
     assert report.compile == "off" and "Triton is not installed" in report.notes[0]
     assert sampler.denoise_fn == sampler._unet_forward
 
@@ -334,7 +340,7 @@ def test_shared_cfg_prefix_gives_the_same_video_and_halves_the_first_layers(samp
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert sampler.c.unet._shared_cfg_prefix.on is False  # only during the denoising loop
     # No guidance, no pair: the whole (single) batch runs, the same as without the rewrite.
-    single = replace(req, guidance_scale=1.0)
+    single = replace(req, video=req.video.model_copy(update={"guidance_scale": 1.0}))
     remove_accel(sampler)
     plain = _frames(sampler, single)
     apply_accel(sampler, "off", share_cfg_prefix=True, force=True)

@@ -266,8 +266,9 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
         else:
             undo.append(undo_share)
             report.share_cfg_prefix = True
+            previous = getattr(sampler, "loop_context", None)
             sampler.loop_context = lambda cfg: cfg_pair(unet, cfg)
-            undo.append(lambda: sampler.__dict__.pop("loop_context", None))
+            undo.append(lambda: setattr(sampler, "loop_context", previous) if previous else None)
     eager = sampler._unet_forward
     compiled: Callable[..., torch.Tensor] = eager
     patched: list[torch.nn.Module] = []
