@@ -2,11 +2,14 @@
 
 Uses Debian's ffprobe when it is on PATH (CI installs it), else parses the stderr of the
 ffmpeg binary bundled with imageio-ffmpeg, so tests also run where no ffmpeg is installed.
+With I2V_REQUIRE_ALL_TESTS=1 (CI) there is no fallback: a missing ffprobe is an error, so CI
+always checks the files with the independent tool.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +25,9 @@ def probe(path: Path) -> dict[str, Any]:
     ffprobe = shutil.which("ffprobe")
     if ffprobe:
         return _probe_ffprobe(ffprobe, Path(path))
+    if os.environ.get("I2V_REQUIRE_ALL_TESTS", "").strip() not in ("", "0"):
+        raise AssertionError("ffprobe is not on PATH and I2V_REQUIRE_ALL_TESTS is set "
+                             "(apt-get install ffmpeg)")
     return _probe_bundled_ffmpeg(Path(path))
 
 

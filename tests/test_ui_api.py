@@ -55,18 +55,28 @@ def _ui_settings(root: Path, models: Path, **limits):
                          overrides={"paths": {"models": str(models)}, "limits": limits})
 
 
-def _launch(service, settings):
+def _launch(service, settings, **kw):
+    """run_server on a free port. Tests run in parallel processes, so another one may take the port between
+    the probe and the bind: then try another."""
+    from app.errors import InputError
     from app.ui import run_server
 
-    port = _free_port()
-    demo = run_server(service, settings, host="127.0.0.1", port=port, block=False)
-    return demo, f"http://127.0.0.1:{port}/"
+    for attempt in range(5):
+        port = _free_port()
+        try:
+            demo = run_server(service, settings, host="127.0.0.1", port=port, block=False, **kw)
+        except InputError as exc:
+            if "in use" not in str(exc) or attempt == 4:
+                raise
+            continue
+        return demo, f"http://127.0.0.1:{port}/"
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
-def ui_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shared with test_ui_browser.py: the tiny model is built once per test session."""
-    return tmp_path_factory.getbasetemp() / "ui-tiny-models"
+def ui_models_dir(shared_models_dir: Path) -> Path:
+    """The run's models folder (tests/conftest.py): the tiny model is built once for all test files."""
+    return shared_models_dir
 
 
 @pytest.fixture(scope="module")
@@ -256,13 +266,9 @@ def test_launch_uses_the_safe_defaults(api_server):
 
 def test_auth_guards_the_page_and_the_api(tmp_path, ui_models_dir):
     from app.service import GenerationService
-    from app.ui import run_server
 
     settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
-    port = _free_port()
-    demo = run_server(GenerationService(settings, lambda: None), settings, host="127.0.0.1", port=port,
-                      auth=("alice", "s3cret"), block=False)
-    url = f"http://127.0.0.1:{port}/"
+    demo, url = _launch(GenerationService(settings, lambda: None), settings, auth=("alice", "s3cret"))
     try:
         assert httpx.get(url + "config").status_code == 401
         assert httpx.get(url + "gradio_api/info").status_code == 401
@@ -374,16 +380,13 @@ def test_mcp_exposes_generate_as_a_tool(tmp_path, ui_models_dir):
     import importlib.util
 
     from app.service import GenerationService
-    from app.ui import run_server
 
     if importlib.util.find_spec("mcp") is None:
         pytest.skip('gradio[mcp] is not installed (pip install "gradio[mcp]")')
     settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
-    port = _free_port()
-    demo = run_server(GenerationService(settings, lambda: None), settings, host="127.0.0.1", port=port, mcp=True,
-                      block=False)
+    demo, url = _launch(GenerationService(settings, lambda: None), settings, mcp=True)
     try:
-        tools = httpx.get(f"http://127.0.0.1:{port}/gradio_api/mcp/schema").json()
+        tools = httpx.get(url + "gradio_api/mcp/schema").json()
     finally:
         demo.close()
     generate = next(t for t in tools if t["name"] == "generate")

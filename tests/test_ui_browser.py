@@ -1,8 +1,9 @@
 """app/ui.py in a real browser: Playwright driving Debian's chromium against the app with the tiny model.
 
 Upload, generate with visible progress, a playable <video> of frames/fps seconds, cancel with no
-file written, the history read from outputs/, and Chinese labels for a zh-CN browser.
-Screenshots go to test-artifacts/.
+file written, the history read from outputs/, and Chinese labels, errors and run details for a zh-CN
+browser. Screenshots of the whole page go to test-artifacts/ (ui-en-generated.png is the README's picture,
+docs/images/ui.png).
 """
 
 from __future__ import annotations
@@ -37,12 +38,31 @@ pytestmark = [
                                                      "(apt-get install chromium fonts-noto-cjk)"),
 ]
 sync_api = pytest.importorskip("playwright.sync_api")
+# Assertions wait up to 30 s (Playwright's default is 5 s): with the suite on all cores, a generation the
+# page waits for can take several seconds.
+sync_api.expect.set_options(timeout=30_000)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _launch(service, settings):
+    """run_server on a free port. Tests run in parallel processes, so another one may take the port between
+    the probe and the bind: then try another."""
+    from app.errors import InputError
+    from app.ui import run_server
+
+    for attempt in range(5):
+        port = _free_port()
+        try:
+            return run_server(service, settings, host="127.0.0.1", port=port, block=False), port
+        except InputError as exc:
+            if "in use" not in str(exc) or attempt == 4:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _draw_input(path: Path) -> Path:
@@ -55,9 +75,9 @@ def _draw_input(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shared with test_ui_api.py: the tiny model is built once per test session."""
-    return tmp_path_factory.getbasetemp() / "ui-tiny-models"
+def browser_models_dir(shared_models_dir: Path) -> Path:
+    """The run's models folder (tests/conftest.py): the tiny model is built once for all test files."""
+    return shared_models_dir
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +88,6 @@ def ui(tmp_path_factory, browser_models_dir):
     from app.config import load_settings
     from app.engine.loader import load_engine
     from app.service import GenerationRequest, GenerationService
-    from app.ui import run_server
 
     root = tmp_path_factory.mktemp("ui-browser")
     shutil.copytree(REPO / "configs", root / "configs")
@@ -80,10 +99,9 @@ def ui(tmp_path_factory, browser_models_dir):
     service = GenerationService(settings, lambda: load_engine(settings, source="tiny"))
     service.load()
     image = _draw_input(root / "input.png")
-    earlier = service.generate(GenerationRequest(image=image, prompt="made before the server started",
-                                                 resolution=64, num_frames=4, fps=8, steps=1, seed=42))
-    port = _free_port()
-    demo = run_server(service, settings, host="127.0.0.1", port=port, block=False)
+    earlier = service.generate(GenerationRequest(image=image, prompt="made before the server started", seed=42,
+                                                 video={"resolution": 64, "num_frames": 4, "fps": 8, "steps": 1}))
+    demo, port = _launch(service, settings)
     ARTIFACTS.mkdir(exist_ok=True)
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", service=service, outputs=settings.path("outputs"),
                           image=image, earlier=earlier)
@@ -154,7 +172,6 @@ def test_generate_shows_progress_and_plays_a_video_of_frames_over_fps(ui, browse
     before = _listing(ui.outputs)
 
     _fill(page, ui.image, "a yellow box slides to the right")
-    sync_api.expect(page.locator("#crop-preview img")).to_be_visible()
     _watch_text(page, "#output-video", r"Step \d+/\d+ · about")
     page.locator("#generate-btn").click()
 
@@ -173,15 +190,25 @@ def test_generate_shows_progress_and_plays_a_video_of_frames_over_fps(ui, browse
     for word in ("Seed", "denoise", "Peak VRAM"):
         sync_api.expect(info).to_contain_text(word)
     sync_api.expect(history).to_have_count(2)
-    video.evaluate("v => { v.pause(); v.currentTime = 0.2; }")
-    time.sleep(0.3)
-    page.screenshot(path=str(ARTIFACTS / "ui-en-generated.png"), full_page=True)
+    _screenshot_when_idle(page, ARTIFACTS / "ui-en-generated.png")
     page.context.close()
+
+
+def _screenshot_when_idle(page, path: Path) -> None:
+    """The whole page once the run is over (the status bar polls every few seconds), the video paused on a
+    frame: the picture of the app the README shows."""
+    sync_api.expect(page.locator("#status-bar")).not_to_contain_text(re.compile("Generating|正在生成"))
+    sync_api.expect(page.locator("#generate-btn")).to_be_enabled()
+    page.locator("#output-video video").evaluate("v => { v.pause(); v.currentTime = 0.2; }")
+    time.sleep(0.3)
+    page.screenshot(path=str(path), full_page=True)
 
 
 def _fill(page, image: Path, prompt: str) -> None:
     page.locator("#input-image input[type=file]").set_input_files(str(image))
     page.locator("#prompt textarea").fill(prompt)
+    # The crop preview shows once the upload reached the server: a click before that would send no image.
+    sync_api.expect(page.locator("#crop-preview img")).to_be_visible()
 
 
 def test_cancel_stops_the_run_and_writes_no_file(ui, browser):
@@ -248,4 +275,16 @@ def test_chinese_browser_gets_chinese_labels_and_errors(ui, browser):
     page.locator("#generate-btn").click()  # no image: the error comes back in Chinese
     sync_api.expect(page.locator(".toast-body")).to_contain_text("请上传输入图片")
     page.screenshot(path=str(ARTIFACTS / "ui-zh-error.png"), full_page=True)
+    page.context.close()
+
+
+def test_chinese_browser_generates_and_reports_in_chinese(ui, browser):
+    page = _open(browser, ui.url, locale="zh-CN")
+    _fill(page, ui.image, "黄色方块向右滑动")
+    page.locator("#generate-btn").click()
+    sync_api.expect(page.locator("#output-video video")).to_have_count(1)
+    info = page.locator("#run-info")
+    for word in ("种子", "去噪", "显存峰值"):
+        sync_api.expect(info).to_contain_text(word)
+    _screenshot_when_idle(page, ARTIFACTS / "ui-zh-generated.png")
     page.context.close()

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime
 from fractions import Fraction
@@ -319,9 +320,6 @@ def test_bundled_ffmpeg_probe_agrees_with_ffprobe(tmp_path):
 
 
 def test_stale_partials_from_a_crash_are_removed_and_fresh_ones_kept(tmp_path):
-    import os
-    import time
-
     old = [tmp_path / ".video_20260101_000000_000.mp4.part", tmp_path / ".video_20260101_000000_000.lock"]
     fresh = tmp_path / ".video_20260102_000000_000.mp4.part"
     keep = tmp_path / "video_20260101_000000_000.mp4"
