@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the UNet as `serve` does (worth it only for many videos: the first "
-                          "compile takes one to two minutes on an H100)")
+                          "compile takes minutes)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     dl = sub.add_parser("download", help="download the real I2VGen-XL weights into models/", epilog=EXIT_CODES_HELP,

@@ -1,7 +1,7 @@
 """Compiled region graphs kept on disk with how to call them, so a start runs them without Dynamo.
 
-With the compile cache alone, every start still traces each compile region with Dynamo (about 6 s for
-the UNet's 30 graphs on an H200), builds fake tensors and guards (2.5 s), and only then finds Inductor's
+With the compile cache alone, every start still traces each compile region with Dynamo, builds fake
+tensors and guards, and only then finds Inductor's
 compiled graph in the cache. The graph store skips all of that: each region call's graph is compiled by
 `torch._inductor.standalone_compile` inside the torch.compile backend, saved as one file named by the
 call's key (app.speedups.regions), together with where each of the graph's inputs comes from (the

@@ -1,8 +1,8 @@
 """A parallel first compile: helper processes compile the UNet's compile regions into the on-disk compile
 cache while the app reads the weights, so the app's own warm-up finds every graph there.
 
-A first start used to compile the 28 region graphs one after another in the app's process (84 s on an
-H200), and only after the weights were read. Each helper builds the UNet on the meta device (no weights, no
+Without helpers, a first start compiles the region graphs one after another in the app's process, and only
+after the weights were read. Each helper builds the UNet on the meta device (no weights, no
 memory), runs it once there to record what every compile region is called with, and then compiles its share
 of the distinct region calls: the region alone is given real (random) weights and inputs on the GPU and is
 compiled exactly as `apply_accel` compiles it in the app. Inductor's and AOT-autograd's caches are keyed by
@@ -261,9 +261,8 @@ def _peak_memory(device: torch.device) -> dict:
 
 def helper_count(setting: int | str, cpus: int | None = None, free_ram_gib: float | None = None) -> int:
     """How many helpers to start: the setting, or for "auto" one per 2 CPU cores, at most 8, and none below 4
-    (on an H200 machine's 16 cores: 8 helpers cut the first compile from 87 to 57 s, 4 to 66 s, and 2 saved
-    nothing), and no more than the free memory holds (2.5 GiB each: a helper measured 1.3-1.5 GiB resident,
-    and its share of Inductor's compile workers comes on top)."""
+    (two helpers save nothing: they compete with the app for the same few cores), and no more than the free
+    memory holds (2.5 GiB each: a helper's own resident memory plus its share of Inductor's compile workers)."""
     if setting != "auto":
         return max(0, int(setting))
     cpus = cpus or usable_cpus()

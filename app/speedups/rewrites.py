@@ -55,10 +55,9 @@ class ShortSequenceAttention:
     """Attention processor for sequences of a few dozen tokens (the frames of a temporal layer).
 
     Flash kernels tile 64-128 query and key rows, so a 16-long sequence leaves most of each tile
-    empty. Here the (F x F) scores are two batched matmuls with the softmax in float32 between them
-    (on an H100 at 512p, compiled: 131.0 vs 134.4 ms per UNet call; a broadcast-and-sum form that
-    Inductor fuses measured 156 ms). Anything unusual (a mask, extra arguments) goes to the
-    original processor.
+    empty. Here the (F x F) scores are two batched matmuls with the softmax in float32 between them, which
+    compiled runs faster than both the flash kernels and a broadcast-and-sum form that Inductor fuses.
+    Anything unusual (a mask, extra arguments) goes to the original processor.
 
     With `kernel` (the "triton" mode: app.speedups.triton_attention's operator) the scores, softmax and
     output of each head are one fused kernel instead, wherever `kernel_fits` says it takes the
@@ -139,7 +138,7 @@ class SharedCfgPrefix:
     in the text and image embeddings, and those enter the network at the first cross-attention. Before it,
     in the first transformer (`transformer_in`), the first resnet and the first temporal convolution,
     both halves compute the same sums on the same inputs: these layers here compute the first half only
-    and hand on two copies. At 512p that is 1.1 of the call's 41.9 TFLOP.
+    and hand on two copies (a few percent of the call's work).
 
     Only while `on` (the sampler's `cfg_pair` context): any other caller of the UNet gets it unchanged.
     """

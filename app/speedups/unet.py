@@ -107,7 +107,7 @@ class GuardedDenoiser:
         self.seen_shapes: set[tuple[int, ...]] = set()
 
     def will_compile(self, sample_shape: tuple[int, ...]) -> bool:
-        """True when the next call with this latent shape compiles first (one to two minutes on an H100)."""
+        """True when the next call with this latent shape compiles first (minutes on a first start)."""
         return not self.failed and self.report.compile != "off" and tuple(sample_shape) not in self.seen_shapes
 
     def __call__(self, *args: Any) -> torch.Tensor:
