@@ -281,7 +281,7 @@ def run_reference(ctx, req, shared, runs):
 
 def unet_call_flop(unet: torch.nn.Module, res: int, frames: int) -> float:
     """The floating-point operations of one CFG-batched UNet call at this size, counted on a copy of the
-    UNet's architecture on the meta device (no weights, no memory, no device time)."""
+    UNet's architecture on the meta device (no weights, no memory, no GPU work)."""
     from diffusers import I2VGenXLUNet
     from torch.utils.flop_counter import FlopCounterMode
 
