@@ -1,6 +1,6 @@
 """User-facing errors. Each carries an English and a Chinese message and a CLI exit code.
 
-Exit codes (documented in the README):
+Exit codes (docs/install.md lists them with the launcher's own):
   0 success · 1 unexpected error · 2 bad input or usage · 3 model missing or broken
   4 out of GPU memory · 5 cancelled · 6 configuration error · 130 interrupted (Ctrl+C)
 """

@@ -6,7 +6,7 @@ Nothing happens at import time: gradio is imported inside the functions, after
 GRADIO_ANALYTICS_ENABLED is set. State is per browser session (gr.State, or keyed by the
 session hash); the one shared object is the service, which runs one GPU job at a time.
 
-Public API (gradio_client or MCP): `/generate` and `/cancel`, see README.md ("Use it from Python").
+Public API (gradio_client or MCP): `/generate` and `/cancel`, see docs/ui-and-api.md.
 """
 
 import html
