@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from inductor_cpu import needs_cpp_inductor
 import torch
 from PIL import Image
 
@@ -239,6 +240,7 @@ REAL_CHILD = textwrap.dedent("""
 """)
 
 
+@needs_cpp_inductor
 def test_real_inductor_graphs_saved_in_one_process_run_in_the_next_without_dynamo(tmp_path):
     """Inductor (C++ on the CPU) through standalone_compile; the second process never traces."""
     script = tmp_path / "child.py"

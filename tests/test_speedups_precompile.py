@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from inductor_cpu import needs_cpp_inductor
 import torch
 
 from app.speedups import precompile
@@ -198,6 +199,7 @@ print(json.dumps({**out, "graph_store": report.graph_store_stats, "notes": repor
 """
 
 
+@needs_cpp_inductor
 def test_a_helpers_compile_is_a_cache_hit_for_the_app(tiny_model_dir, tmp_path):
     """The last of 15 helpers compiles its share (one region: the tiny UNet has 15 distinct region calls, so
     each helper gets one, the last the cheapest) with Inductor into a fresh cache; a fresh 'app' process
@@ -222,6 +224,7 @@ def test_a_helpers_compile_is_a_cache_hit_for_the_app(tiny_model_dir, tmp_path):
     assert counters["aot_autograd"].get("autograd_cache_hit") == len(paths), counters
 
 
+@needs_cpp_inductor
 def test_a_helpers_graphs_are_stored_and_the_app_runs_them_without_dynamo(tiny_model_dir, tmp_path):
     """The same with the graph store: the helper saves each of its regions' graphs, and the app process, whose
     torch.compile would fail if Dynamo were asked, runs those regions from the store."""
