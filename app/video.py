@@ -5,16 +5,25 @@ This module owns the outputs folder: it names files, writes them atomically and 
 Names are ``video_YYYYMMDD_HHMMSS_mmm.mp4`` (``_2``, ``_3``... appended on a collision) with
 ``video_YYYYMMDD_HHMMSS_mmm.json`` beside it. A name is reserved by creating the hidden file
 ``.video_<stem>.lock`` with O_CREAT|O_EXCL, which is atomic across threads and processes.
-Both files are first written under hidden ``.video_<stem>.*.part`` names and moved into place
-with ``os.replace``: the JSON first, then the MP4, so a visible MP4 always has its JSON.
+Both files are first written under hidden ``.video_<stem>.<ext>.<pid>.part`` names and moved into
+place with ``os.replace``: the JSON first, then the MP4, so a visible MP4 always has its JSON.
+The lock file holds the writer's process id too, so the hidden files a killed process left behind
+are recognised (their process is gone) and removed at the next start (remove_stale_partials).
+
+ffmpeg runs as a child process fed through a pipe; its error output is kept, so a failed encode
+says why (a full disk raises OSError(ENOSPC) naming the folder) instead of just failing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -83,8 +92,8 @@ def write_video(
     stem, lock = _reserve_stem(out_dir, now)
     video_path = out_dir / f"{stem}.mp4"
     json_path = out_dir / f"{stem}.json"
-    video_tmp = out_dir / f".{stem}.mp4.part"
-    json_tmp = out_dir / f".{stem}.json.part"
+    video_tmp = _temp_path(video_path)
+    json_tmp = _temp_path(json_path)
     finished = False
     try:
         num_frames, (height, width), padded = _encode(frames, fps, video_tmp)
@@ -168,19 +177,25 @@ def read_metadata(video_path: Path) -> dict[str, Any]:
 
 
 def remove_stale_partials(out_dir: Path, max_age_s: float = 3600.0, *, now: float | None = None) -> list[Path]:
-    """Delete hidden ``.video_*.part`` and ``.lock`` files a crashed run left behind (older than max_age_s).
+    """Delete the hidden ``.video_*`` temp (``.part``) and ``.lock`` files a killed or crashed run left behind.
 
-    Live writes are never that old, so a running writer in another process is left alone.
+    A file is stale when the process that wrote it (the id in its name, or in a lock's content) no longer
+    runs, or when it is older than ``max_age_s`` (a reused process id, a file without one). Files of a
+    process that still runs, this one included, are left alone: another app may be writing into the
+    same folder.
     """
     now = time.time() if now is None else now
-    removed = []
-    if not Path(out_dir).is_dir():
+    removed: list[Path] = []
+    try:
+        candidates = list(Path(out_dir).glob(".video_*"))
+    except OSError:  # missing, or not a folder: nothing to clean
         return removed
-    for path in Path(out_dir).glob(".video_*"):
+    for path in candidates:
         if path.suffix not in (".part", ".lock"):
             continue
         try:
-            if now - path.stat().st_mtime > max_age_s:
+            pid = _writer_pid(path)
+            if (pid is not None and not _pid_alive(pid)) or now - path.stat().st_mtime > max_age_s:
                 path.unlink()
                 removed.append(path)
         except OSError as exc:  # held open elsewhere (Windows) or already gone: try again next start
@@ -188,11 +203,62 @@ def remove_stale_partials(out_dir: Path, max_age_s: float = 3600.0, *, now: floa
     return removed
 
 
+def _temp_path(path: Path) -> Path:
+    """The hidden temp name ``path`` is written under first: ``.<name>.<pid>.part``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
+_PART_PID_RE = re.compile(r"\.(\d+)\.part$")
+
+
+def _writer_pid(path: Path) -> int | None:
+    """The id of the process that wrote a temp or lock file; None if it does not say."""
+    if path.suffix == ".part":
+        match = _PART_PID_RE.search(path.name)
+        return int(match.group(1)) if match else None
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (this process counts as running)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        import ctypes
+        from ctypes import wintypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists, under another user
+        try:
+            code = wintypes.DWORD()
+            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+                return True
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 def save_input_image(image: Any, video_path: Path) -> str | None:
     """Keep the (decoded, size-capped) input PIL image beside its video as ``<stem>.input.png``, so the
     history can restore it too; returns that file's name, or None if it could not be written."""
     target = video_path.with_name(video_path.stem + ".input.png")
-    tmp = target.with_name("." + target.name + ".part")
+    tmp = _temp_path(target)
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, target)
@@ -206,8 +272,7 @@ def save_input_image(image: Any, video_path: Path) -> str | None:
 def update_metadata(video: VideoFile, updates: dict[str, Any]) -> dict[str, Any]:
     """Merge ``updates`` into a video's JSON, atomically (used to add the write time afterwards)."""
     payload = {**read_metadata(video.path), **updates}
-    tmp = video.metadata_path.with_name(f".{video.metadata_path.name}.part")
-    _write_text_atomic(video.metadata_path, tmp,
+    _write_text_atomic(video.metadata_path, _temp_path(video.metadata_path),
                        json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default) + "\n")
     return payload
 
@@ -234,12 +299,31 @@ def _check_frame(frame: np.ndarray, expected_hw: tuple[int, int] | None) -> np.n
     return frame
 
 
+def _ffmpeg_command(width: int, height: int, fps: int, out_path: Path) -> list[str]:
+    """ffmpeg reading raw RGB frames on stdin and writing an H.264/yuv420p MP4 with +faststart."""
+    import imageio_ffmpeg  # here, not at import: it locates its ffmpeg binary
+
+    return [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner",
+        "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(fps),
+        "-i", "-", "-an", "-vcodec", CODEC, "-pix_fmt", PIX_FMT, "-crf", str(CRF), "-preset", PRESET,
+        # The temp name ends in .part, so the muxer must be named explicitly.
+        "-movflags", "+faststart", "-v", "error", "-f", "mp4", str(out_path),
+    ]
+
+
+def _detached() -> dict[str, Any]:
+    """Popen arguments that keep Ctrl+C away from ffmpeg (the app stops it and removes the temp file) and,
+    on Windows, open no console window."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
 def _encode(
     frames: Iterator[np.ndarray], fps: int, tmp_path: Path
 ) -> tuple[int, tuple[int, int], bool]:
     """Stream HWC frames into ffmpeg; returns (frames written, encoded (H, W), padded?)."""
-    import imageio_ffmpeg  # here, not at import: it locates its ffmpeg binary
-
     first = next(frames, None)
     if first is None:
         raise ValueError("frames is empty: a video needs at least one frame")
@@ -248,39 +332,72 @@ def _encode(
     pad_h, pad_w = src_hw[0] % 2, src_hw[1] % 2
     height, width = src_hw[0] + pad_h, src_hw[1] + pad_w
 
-    writer = imageio_ffmpeg.write_frames(
-        tmp_path,
-        (width, height),
-        pix_fmt_in="rgb24",
-        pix_fmt_out=PIX_FMT,
-        fps=fps,
-        codec=CODEC,
-        quality=None,  # we pass our own -crf below
-        macro_block_size=1,  # sizes are already even; never let imageio-ffmpeg rescale
-        ffmpeg_log_level="error",
-        # The temp name ends in .part, so the muxer must be named explicitly.
-        output_params=["-crf", str(CRF), "-preset", PRESET, "-movflags", "+faststart", "-f", "mp4"],
-    )
+    cmd = _ffmpeg_command(width, height, fps, tmp_path)
     count = 0
-    try:
-        writer.send(None)
-        frame: np.ndarray | None = first
-        while frame is not None:
-            if pad_h or pad_w:
-                frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-            writer.send(np.ascontiguousarray(frame))
-            count += 1
-            nxt = next(frames, None)
-            frame = None if nxt is None else _check_frame(nxt, src_hw)
-    finally:
-        # Waits for ffmpeg to exit, so the temp file is released before anyone unlinks it.
-        writer.close()
-    if not _is_complete_mp4(tmp_path):
-        raise RuntimeError(
-            f"ffmpeg ({imageio_ffmpeg.get_ffmpeg_exe()}) did not produce a complete MP4; "
-            "see its error output above"
-        )
-    return count, (height, width), bool(pad_h or pad_w)
+    # ffmpeg's error output goes to a file, not a pipe, so ffmpeg can never block on a full pipe.
+    with tempfile.TemporaryFile() as errors:
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
+                                    **_detached())
+        except OSError as exc:
+            raise RuntimeError(f"ffmpeg ({cmd[0]}) could not be started: {exc}") from exc
+        accepted = True
+        try:
+            frame: np.ndarray | None = first
+            while frame is not None:
+                if pad_h or pad_w:
+                    frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+                try:
+                    proc.stdin.write(np.ascontiguousarray(frame))
+                except OSError:  # ffmpeg stopped reading: it failed, and its error output says why
+                    accepted = False
+                    break
+                count += 1
+                nxt = next(frames, None)
+                frame = None if nxt is None else _check_frame(nxt, src_hw)
+            try:
+                proc.stdin.close()  # end of input: ffmpeg writes the trailer and exits
+            except OSError:
+                accepted = False
+            returncode = proc.wait()
+        except BaseException:
+            proc.kill()  # the frames failed (or Ctrl+C): stop ffmpeg before the temp file is removed
+            proc.wait()
+            raise
+        finally:
+            if not proc.stdin.closed:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+        if accepted and returncode == 0 and _is_complete_mp4(tmp_path):
+            return count, (height, width), bool(pad_h or pad_w)
+        errors.seek(0)
+        message = errors.read().decode("utf-8", errors="replace").strip()
+    raise _ffmpeg_failure(cmd[0], returncode, message, tmp_path.parent)
+
+
+# ffmpeg's words for the operating-system errors a user can act on (the C library's strerror texts).
+_FFMPEG_OS_ERRORS = (
+    ("No space left on device", errno.ENOSPC),
+    ("Disk quota exceeded", getattr(errno, "EDQUOT", errno.ENOSPC)),
+    ("Read-only file system", errno.EROFS),
+    ("Permission denied", errno.EACCES),
+    ("No such file or directory", errno.ENOENT),
+)
+
+
+def _ffmpeg_failure(exe: str, returncode: int, message: str, out_dir: Path) -> Exception:
+    """The exception for a failed encode: OSError with the errno where ffmpeg hit one writing the file
+    (a full disk, a read-only or vanished folder), else RuntimeError with ffmpeg's own words."""
+    last = " / ".join(line.strip() for line in message.splitlines()[-3:] if line.strip())
+    logger.warning("ffmpeg exited with code %s: %s", returncode, message or "(no error output)")
+    for words, code in _FFMPEG_OS_ERRORS:
+        if words in message:
+            return OSError(code, f"{os.strerror(code)} (ffmpeg: {last})", str(out_dir))
+    if returncode == 0:
+        return RuntimeError(f"ffmpeg ({exe}) did not produce a complete MP4: {last or 'no error output'}")
+    return RuntimeError(f"ffmpeg ({exe}) failed with exit code {returncode}: {last or 'no error output'}")
 
 
 def _is_complete_mp4(path: Path) -> bool:
@@ -317,7 +434,10 @@ def _reserve_stem(out_dir: Path, now: datetime) -> tuple[str, Path]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             continue
-        os.close(fd)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))  # who holds it, for remove_stale_partials
+        finally:
+            os.close(fd)
         # A finished video under this stem may exist from an earlier run (its lock is gone).
         if (out_dir / f"{stem}.mp4").exists() or (out_dir / f"{stem}.json").exists():
             _unlink_quietly(lock)
@@ -327,11 +447,15 @@ def _reserve_stem(out_dir: Path, now: datetime) -> tuple[str, Path]:
 
 
 def _write_text_atomic(path: Path, tmp_path: Path, text: str) -> None:
-    with tmp_path.open("w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    try:
+        with tmp_path.open("w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        _unlink_quietly(tmp_path)  # a full disk fails the write: leave no half file behind
+        raise
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -3,6 +3,7 @@ unique under concurrency, failures leave nothing behind, and the history listing
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -175,33 +176,42 @@ def test_existing_video_is_never_overwritten(tmp_path):
     assert first.path.read_bytes() == before
 
 
-def _failing_writer(real_write_frames):
-    """A write_frames whose generator raises once the first frame has gone to ffmpeg."""
-    def fake(*args, **kwargs):
-        gen = real_write_frames(*args, **kwargs)
-        gen.send(None)
-        try:
-            first = yield
-            gen.send(first)  # the first frame really reaches ffmpeg
-            yield
-            raise OSError("disk full (simulated)")
-        finally:
-            gen.close()
-    return fake
+def _ffmpeg_writing_to(monkeypatch, target: str) -> list[str]:
+    """Point the real ffmpeg's output at `target` (e.g. /dev/full, where every write fails with ENOSPC);
+    returns the list the intended output names are recorded in."""
+    real = video._ffmpeg_command
+    intended: list[str] = []
+
+    def command(width, height, fps, out_path):
+        intended.append(Path(out_path).name)
+        return real(width, height, fps, out_path)[:-1] + [target]
+
+    monkeypatch.setattr(video, "_ffmpeg_command", command)
+    return intended
 
 
-def test_writer_failure_mid_video_leaves_the_folder_empty(tmp_path, monkeypatch):
-    seen_parts: list[str] = []
-    real = imageio_ffmpeg.write_frames
+def _fake_ffmpeg(monkeypatch, script: str) -> None:
+    """Replace ffmpeg by a Python script; it gets the output path as sys.argv[1]."""
+    monkeypatch.setattr(video, "_ffmpeg_command",
+                        lambda width, height, fps, out_path: [sys.executable, "-c", script, str(out_path)])
 
-    def spying(path, *args, **kwargs):
-        seen_parts.append(Path(path).name)
-        return _failing_writer(real)(path, *args, **kwargs)
 
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", spying)
-    with pytest.raises(OSError, match="disk full"):
+def test_a_full_disk_is_enospc_naming_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    intended = _ffmpeg_writing_to(monkeypatch, "/dev/full")
+    with pytest.raises(OSError) as info:
         write_video(moving_frames(8), 8, tmp_path, {}, now=NOW)
-    assert seen_parts == [".video_20250309_140507_123.mp4.part"]  # it was a hidden temp
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(tmp_path)
+    assert "No space left on device (ffmpeg: " in str(info.value)
+    assert intended == [f".video_20250309_140507_123.mp4.{os.getpid()}.part"]  # it was a hidden temp
+    assert folder_names(tmp_path) == set()
+
+
+def test_ffmpeg_dying_mid_video_is_an_error_with_its_words_and_leaves_nothing(tmp_path, monkeypatch):
+    _fake_ffmpeg(monkeypatch, "import sys; open(sys.argv[1], 'wb').write(b'partial'); sys.stdin.buffer.read(100); "
+                              "sys.stderr.write('encoder crashed (simulated)\\n'); sys.exit(3)")
+    with pytest.raises(RuntimeError, match=r"failed with exit code 3: encoder crashed \(simulated\)"):
+        write_video(moving_frames(8), 8, tmp_path, {}, now=NOW)
     assert folder_names(tmp_path) == set()
 
 
@@ -219,14 +229,24 @@ def test_frame_source_failure_leaves_the_folder_empty(tmp_path):
 
 
 def test_ffmpeg_that_writes_no_valid_file_is_an_error(tmp_path, monkeypatch):
-    def broken_ffmpeg(path, *args, **kwargs):
-        Path(path).write_bytes(b"\x00\x00\x00\x08junk")
-        while True:
-            yield
-
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken_ffmpeg)
-    with pytest.raises(RuntimeError, match="complete MP4"):
+    _fake_ffmpeg(monkeypatch, "import sys; sys.stdin.buffer.read(); open(sys.argv[1], 'wb').write(b'\\0\\0\\0\\x08junk')")
+    with pytest.raises(RuntimeError, match="did not produce a complete MP4"):
         write_video(moving_frames(2), 8, tmp_path, {}, now=NOW)
+    assert folder_names(tmp_path) == set()
+
+
+def test_a_json_write_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    real_open = Path.open
+
+    def open_on_full_disk(self, mode="r", *args, **kwargs):
+        if self.name.endswith(".part") and "w" in mode:  # the JSON's temp file sits on the full disk
+            return real_open(Path("/dev/full"), mode, *args, **kwargs)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_on_full_disk)
+    with pytest.raises(OSError) as info:
+        write_video(moving_frames(2), 8, tmp_path, {"seed": 1}, now=NOW)
+    assert info.value.errno == errno.ENOSPC
     assert folder_names(tmp_path) == set()
 
 
@@ -332,3 +352,27 @@ def test_stale_partials_from_a_crash_are_removed_and_fresh_ones_kept(tmp_path):
     assert sorted(removed) == sorted(old)
     assert fresh.exists() and keep.exists()
     assert video.remove_stale_partials(tmp_path / "missing") == []
+
+
+def test_fresh_temp_files_of_a_dead_process_are_removed_and_a_live_ones_kept(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead = int(gone.stdout)  # exited and reaped: no process has this id now
+    live = os.getpid()
+    dead_files = [tmp_path / f".video_20260101_000000_000.mp4.{dead}.part",
+                  tmp_path / f".video_20260101_000000_000.input.png.{dead}.part",
+                  tmp_path / ".video_20260101_000000_000.lock"]
+    live_files = [tmp_path / f".video_20260102_000000_000.mp4.{live}.part", tmp_path / ".video_20260102_000000_000.lock"]
+    for path in dead_files[:2] + live_files[:1]:
+        path.write_bytes(b"x")
+    dead_files[2].write_text(f"{dead}\n", encoding="ascii")
+    live_files[1].write_text(f"{live}\n", encoding="ascii")
+    removed = video.remove_stale_partials(tmp_path)
+    assert sorted(removed) == sorted(dead_files)
+    assert all(path.exists() for path in live_files)
+
+
+def test_the_lock_names_its_writer(tmp_path):
+    stem, lock = video._reserve_stem(tmp_path, NOW)
+    assert stem == "video_20250309_140507_123"
+    assert lock.read_text(encoding="ascii") == f"{os.getpid()}\n"
