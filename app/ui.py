@@ -86,6 +86,45 @@ class CancelRegistry:
         return len(events)
 
 
+MCP_CALLER = "mcp"  # the job owner of every MCP call, see job_owner()
+
+
+def job_owner(request: Any) -> str:
+    """Whose job a request starts, cancels or leaves: its Gradio session, so /cancel and a closed tab touch
+    only their own run. Every MCP tool call counts as one caller: Gradio's MCP server is stateless and runs
+    each call through one internal client (whose requests carry x-gradio-user: mcp), and it calls the
+    unqueued /cancel with no session at all."""
+    session = getattr(request, "session_hash", None)
+    headers = getattr(request, "headers", None) or {}
+    if session is None or headers.get("x-gradio-user") == "mcp":
+        return MCP_CALLER
+    return session
+
+
+def api_docstring(settings: Settings) -> str:
+    """The public generate's description (the API page and the MCP tool read it), with this config's limits."""
+    lim, dflt, demo = settings.limits, settings.defaults, settings.demo
+    return f"""Make a short MP4 video from one image and a prompt with I2VGen-XL.
+
+    A number left out takes the server's default: {dflt.resolution} px, {dflt.num_frames} frames, {dflt.fps} FPS,
+    {dflt.steps} steps, guidance {dflt.guidance_scale}; with the demo model (output is noise) {demo.resolution} px,
+    {demo.num_frames} frames, {demo.fps} FPS, {demo.steps} steps, guidance {demo.guidance_scale}.
+
+    Args:
+        image: the input image (PNG, JPEG, WebP...); the model uses its centre square crop.
+        prompt: what should happen in the video, e.g. "waves roll onto the beach" (English works best).
+        negative_prompt: what the video should not show; left out: the server's default, "" for none.
+        resolution: output side in pixels, a multiple of {lim.resolution_multiple}, {lim.min_resolution} to {lim.max_resolution}.
+        num_frames: number of frames in the video, {lim.min_frames} to {lim.max_frames}.
+        fps: frame rate, {lim.min_fps} to {lim.max_fps}; also conditions the motion.
+        steps: denoising (inference) steps, {lim.min_steps} to {lim.max_steps}.
+        guidance_scale: how closely the video follows the prompt, {lim.min_guidance_scale} to {lim.max_guidance_scale}.
+        seed: random seed, 0 to {MAX_SEED}; -1 picks a new one each run; left out: {dflt.seed}.
+    Returns:
+        The MP4 video, a short summary (seed, time per stage, peak VRAM, file name) and all parameters.
+    """
+
+
 # Rendering ---------------------------------------------------------------------------------------
 
 def render_status(status: dict[str, Any], lang: str) -> str:
@@ -367,32 +406,16 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             trigger(preview_crop, [image, resolution], [crop], queue=False, show_progress="hidden",
                     api_visibility="private")
 
-        # Generate and cancel: the public API ------------------------------------------------------
-        def generate(image: str | None, prompt: str, negative_prompt: str, resolution: float, num_frames: float,
-                     fps: float, steps: float, guidance_scale: float, seed: float, request: gr.Request,
-                     progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's idiom)
-                     ) -> tuple[str, str, dict[str, Any], int]:
-            """Make a short MP4 video from one image and a prompt with I2VGen-XL.
-
-            Args:
-                image: the input image (PNG, JPEG, WebP…); the model uses its centre square crop.
-                prompt: what should happen in the video, e.g. "waves roll onto the beach" (English works best).
-                negative_prompt: what the video should not show.
-                resolution: output side in pixels, a multiple of 64 (512 standard, 768 high quality).
-                num_frames: number of frames in the video.
-                fps: frame rate; also conditions the motion.
-                steps: denoising (inference) steps.
-                guidance_scale: how closely the video follows the prompt.
-                seed: random seed; -1 picks a new one each run.
-            Returns:
-                The MP4 video, a short summary (seed, time per stage, peak VRAM, file name) and all parameters.
-            """
+        # Generate and cancel ---------------------------------------------------------------------
+        def make_video(image: Any, prompt: Any, negative_prompt: Any, video_values: dict[str, Any], seed: Any,
+                       request: gr.Request, progress: Any) -> tuple[str, str, dict[str, Any]]:
+            """One run for the page or the API: (video path, run info, all parameters). Unset (None) values
+            are left out of the request, so the service fills them in (demo or config defaults)."""
             lang = request_lang(request)
-            session = request.session_hash or "no-session"
-            cancel = jobs.open(session)
+            owner = job_owner(request)
+            cancel = jobs.open(owner)
             req = GenerationRequest(image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                                    video=dict(resolution=resolution, num_frames=num_frames, fps=fps, steps=steps,
-                                               guidance_scale=guidance_scale))
+                                    video={k: v for k, v in video_values.items() if v is not None})
             try:
                 result = _generate_with_progress(service, req, cancel, progress, lang)
             except AppError as exc:
@@ -402,25 +425,77 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
                 log.exception("generate failed")
                 raise unexpected_error(exc, lang, logs_dir) from None
             finally:
-                jobs.close(session, cancel)
+                jobs.close(owner, cancel)
             notes = [w.text(lang) for w in result.warnings]
             details_ = {**result.metadata, "file": result.video_path.name}
             return (str(result.video_path), render_info(result.metadata, result.video_path.name, lang, notes),
-                    details_, result.seed)
+                    details_)
+
+        def generate(image: str, prompt: str, negative_prompt: str | None = None, resolution: int | None = None,
+                     num_frames: int | None = None, fps: int | None = None, steps: int | None = None,
+                     guidance_scale: float | None = None, seed: int | None = None,
+                     request: gr.Request = None,  # type: ignore[assignment]  # Gradio passes it
+                     progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's idiom)
+                     ) -> tuple[str, str, dict[str, Any]]:
+            video_values = dict(resolution=resolution, num_frames=num_frames, fps=fps, steps=steps,
+                                guidance_scale=guidance_scale)
+            return make_video(image, prompt, negative_prompt, video_values, seed, request, progress)
+
+        generate.__doc__ = api_docstring(settings)
+
+        def generate_in_page(image: str | None, prompt: str, negative_prompt: str, resolution: float,
+                             num_frames: float, fps: float, steps: float, guidance_scale: float, seed: float,
+                             request: gr.Request, progress: gr.Progress = gr.Progress(),  # noqa: B008
+                             ) -> tuple[str, str, dict[str, Any], int]:
+            """The page's Generate button: a run with every value set, plus the seed for *Reuse last seed*."""
+            video_values = dict(resolution=resolution, num_frames=num_frames, fps=fps, steps=steps,
+                                guidance_scale=guidance_scale)
+            video_path, info_md, details_ = make_video(image, prompt, negative_prompt, video_values, seed,
+                                                        request, progress)
+            return video_path, info_md, details_, details_["seed"]
 
         gen_event = generate_btn.click(
-            generate, [image, prompt, negative, *sliders, seed], [video, info, details, last_seed],
-            api_name="generate", concurrency_limit=1, concurrency_id=GPU_QUEUE, show_progress_on=[video],
+            generate_in_page, [image, prompt, negative, *sliders, seed], [video, info, details, last_seed],
+            api_visibility="private", concurrency_limit=1, concurrency_id=GPU_QUEUE, show_progress_on=[video],
         )
         gen_event.success(refresh_history, None, [gallery, history_paths], queue=False, api_visibility="private")
 
+        # The public endpoint has its own hidden inputs. Their unset value is None, so a client that leaves a
+        # parameter out gets the service's default rather than the page's slider value (gradio_client fills a
+        # missing parameter with its component's value). It has no gr.State output: Gradio's MCP server
+        # drops State outputs by position and fails on an endpoint that returns one.
+        with gr.Column(visible=False):
+            api_image = ImageUpload(label=L("input_image"), type="filepath")
+            api_prompt = gr.Textbox(label=L("prompt"))
+            api_negative = gr.Textbox(label=L("negative_prompt"), value=None)
+            api_numbers = [Number(label=L("resolution"), value=None, precision=0),
+                           Number(label=L("num_frames"), value=None, precision=0),
+                           Number(label=L("fps"), value=None, precision=0),
+                           Number(label=L("steps"), value=None, precision=0),
+                           Number(label=L("guidance"), value=None)]
+            api_seed = Number(label=L("seed"), value=None, precision=0)
+            api_trigger = gr.Button()
+        api_event = api_trigger.click(
+            generate, [api_image, api_prompt, api_negative, *api_numbers, api_seed], [video, info, details],
+            api_name="generate", concurrency_limit=1, concurrency_id=GPU_QUEUE,
+        )
+
         def cancel(request: gr.Request) -> str:
             """Cancel this client's running generation: it stops after the current step and writes no file."""
-            running = jobs.cancel(request.session_hash or "no-session")
+            running = jobs.cancel(job_owner(request))
             return text("cancel_requested" if running else "cancel_nothing", request_lang(request))
 
-        # `cancels` drops a job still waiting in the queue; the event above stops a running one.
-        cancel_btn.click(cancel, None, [info], api_name="cancel", queue=False, cancels=[gen_event])
+        # `cancels` drops a job still waiting in the queue; the events above stop a running one.
+        cancel_btn.click(cancel, None, [info], api_name="cancel", queue=False, cancels=[gen_event, api_event])
+
+        def cancel_when_the_page_closes(request: gr.Request) -> None:
+            """A closed or reloaded tab (or a closed gradio_client) cancels its running job, as Cancel does:
+            nobody is left to receive the video, and the GPU is free for the next in the queue at once.
+            (Gradio itself drops the session's jobs that still wait in the queue.)"""
+            if jobs.cancel(job_owner(request)):
+                log.info("a client left during its run; the run is cancelled")
+
+        demo.unload(cancel_when_the_page_closes)
     return demo
 
 
