@@ -2,6 +2,9 @@
 
 Files are never renamed: at midnight the handler simply opens the new day's file by name,
 because on Windows another process may hold yesterday's file open and a rename would fail.
+
+A log file that cannot be written (logs/ is not a folder, read-only or full) never stops the app: the
+handler says so once on stderr and sends the records there instead, until the next day's file opens.
 """
 
 from __future__ import annotations
@@ -13,8 +16,16 @@ import sys
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import TextIO
 
 Clock = Callable[[], datetime]
+
+
+class _StderrType:
+    """The fallback "sys.stderr as it is when a record comes" (tests and consoles replace sys.stderr)."""
+
+
+STDERR = _StderrType()
 
 _TAG = "_i2v_app_handler"  # marks handlers we own, so a second setup replaces them
 _LOG_NAME_RE = re.compile(r"^app_(\d{8})\.log$")
@@ -60,15 +71,27 @@ def prune_old_logs(log_dir: Path, today: date, retention_days: int) -> list[Path
 
 
 class DailyFileHandler(logging.FileHandler):
-    """Writes to ``app_<today>.log``; on the first record of a new day, opens that day's file."""
+    """Writes to ``app_<today>.log``; on the first record of a new day, opens that day's file.
 
-    def __init__(self, log_dir: Path, retention_days: int, clock: Clock = datetime.now):
+    If the file cannot be opened or written, it warns once on stderr and writes the records to
+    ``fallback`` (a stream, e.g. sys.stderr; None drops them, where a console handler shows them
+    already); the next day's file is tried again.
+    """
+
+    def __init__(self, log_dir: Path, retention_days: int, clock: Clock = datetime.now,
+                 fallback: TextIO | None | _StderrType = STDERR):
         self.log_dir = Path(log_dir)
         self.retention_days = retention_days
         self._clock = clock
         self._day = clock().date()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(log_path_for(self.log_dir, self._day), encoding="utf-8")
+        self._fallback = fallback
+        self.failed = False  # True while the records go to the fallback
+        super().__init__(log_path_for(self.log_dir, self._day), encoding="utf-8", delay=True)
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.stream = self._open()
+        except OSError as exc:
+            self._fail(exc)
         prune_old_logs(self.log_dir, self._day, retention_days)
 
     @property
@@ -82,17 +105,47 @@ class DailyFileHandler(logging.FileHandler):
             today = self._clock().date()
             if today != self._day:
                 self._switch_to(today)
+            if not self.failed:
+                try:
+                    if self.stream is None:
+                        self.stream = self._open()
+                    self.stream.write(self.format(record) + self.terminator)
+                    self.stream.flush()
+                    return
+                except OSError as exc:
+                    self._fail(exc)
+            stream = sys.stderr if self._fallback is STDERR else self._fallback
+            if stream is not None:
+                stream.write(self.format(record) + self.terminator)
+                stream.flush()
         except Exception:
             self.handleError(record)
-            return
-        super().emit(record)
+
+    def _fail(self, exc: OSError) -> None:
+        """Stop writing the file (until the next day) and say so once, on stderr."""
+        self.failed = True
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:  # the buffered lines cannot be written either
+                pass
+        reason = exc.strerror or str(exc)
+        sys.stderr.write(f"[WARN] Cannot write the log file {self.path} ({reason}); logging to the console instead. / "
+                         f"无法写入日志文件 {self.path}({reason}),日志改为输出到控制台。\n")
+        sys.stderr.flush()
 
     def _switch_to(self, day: date) -> None:
         if self.stream is not None:
             self.stream.close()
-            self.stream = None  # FileHandler.emit reopens baseFilename lazily
+            self.stream = None  # emit opens the new file by name
         self._day = day
+        self.failed = False  # a new file: try again
         self.baseFilename = os.path.abspath(log_path_for(self.log_dir, day))
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)  # deleted while the app ran: make it again
+        except OSError:
+            pass  # opening the file fails too, and says why
         prune_old_logs(self.log_dir, day, self.retention_days)
 
 
@@ -103,8 +156,9 @@ def setup_logging(
     *,
     console: bool = True,
     clock: Clock = datetime.now,
-) -> Path:
-    """Send the root logger to a daily file in ``log_dir`` (and INFO+ to stderr); returns the file.
+) -> Path | None:
+    """Send the root logger to a daily file in ``log_dir`` (and INFO+ to stderr); returns the file,
+    or None when it cannot be written (then the records go to stderr, after one warning there).
 
     Calling it again replaces the handlers it added before instead of adding more.
     ``clock`` exists for tests that simulate a change of date.
@@ -118,7 +172,8 @@ def setup_logging(
     root = logging.getLogger()
     remove_logging()
 
-    file_handler = DailyFileHandler(log_dir, retention_days, clock)
+    # With a console handler the records are on stderr already; without one, a file that fails sends them there.
+    file_handler = DailyFileHandler(log_dir, retention_days, clock, fallback=None if console else STDERR)
     file_handler.setFormatter(logging.Formatter(FILE_FORMAT, FILE_DATEFMT))
     handlers: list[logging.Handler] = [file_handler]
     if console:
@@ -131,7 +186,7 @@ def setup_logging(
         root.addHandler(handler)
     root.setLevel(numeric_level)
     logging.captureWarnings(True)
-    return file_handler.path
+    return None if file_handler.failed else file_handler.path
 
 
 def remove_logging() -> None:

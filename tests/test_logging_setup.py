@@ -185,3 +185,55 @@ def test_remove_logging_restores_root_logger(tmp_path, clock):
     setup_logging(tmp_path, clock=clock)
     remove_logging()
     assert logging.getLogger().handlers == before
+
+
+@pytest.mark.parametrize("blocked", ["logs-is-a-file", "todays-file-is-a-folder"])
+def test_an_unwritable_log_file_falls_back_to_stderr_with_one_warning(tmp_path, clock, capsys, blocked):
+    # Made unwritable by what is in its place, not by permissions: root writes through those.
+    log_dir = tmp_path / "logs"
+    if blocked == "logs-is-a-file":
+        log_dir.write_text("not a folder", encoding="utf-8")
+    else:
+        (log_dir / "app_20250309.log").mkdir(parents=True)
+    path = setup_logging(log_dir, clock=clock, console=False)
+    assert path is None
+    log = logging.getLogger("app.fallback")
+    log.info("first record")
+    log.warning("second record")
+
+    err = capsys.readouterr().err
+    assert err.count("[WARN] Cannot write the log file") == 1
+    assert str(log_dir / "app_20250309.log") in err and "无法写入日志文件" in err
+    assert "INFO     [MainThread] app.fallback: first record" in err  # the file's format: the trace finds its thread
+    assert "WARNING  [MainThread] app.fallback: second record" in err
+    assert "Logging error" not in err and "Traceback" not in err
+
+
+def test_a_log_file_that_fills_up_falls_back_once_and_the_next_day_writes_again(tmp_path, clock, capsys):
+    path = setup_logging(tmp_path, clock=clock, console=False)
+    [handler] = our_handlers()
+    handler.stream.close()
+    handler.stream = open("/dev/full", "w", encoding="utf-8")  # every write now fails with ENOSPC
+    log = logging.getLogger("app.diskfull")
+    log.info("lost to the full disk")
+    log.info("still going")
+    err = capsys.readouterr().err
+    assert err.count("[WARN] Cannot write the log file") == 1 and "No space left on device" in err
+    assert "app.diskfull: lost to the full disk" in err and "app.diskfull: still going" in err
+    assert "Logging error" not in err
+
+    clock.now += timedelta(days=1)  # space is back by the next day: its file is written again
+    log.info("a new day")
+    flush()
+    assert "a new day" in (tmp_path / "app_20250310.log").read_text(encoding="utf-8")
+    assert "a new day" not in capsys.readouterr().err
+    assert path == tmp_path / "app_20250309.log"
+
+
+def test_with_a_console_handler_a_failed_file_only_warns(tmp_path, clock, capsys):
+    (tmp_path / "logs").write_text("not a folder", encoding="utf-8")
+    assert setup_logging(tmp_path / "logs", clock=clock, console=True) is None
+    logging.getLogger("app.console").info("shown once")
+    err = capsys.readouterr().err
+    assert err.count("[WARN] Cannot write the log file") == 1
+    assert err.count("shown once") == 1  # by the console handler, not twice
