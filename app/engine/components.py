@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ModelMissingError
-from app.hub import COMPONENT_NAMES, DEFAULT_HUB_ID, is_complete_snapshot, looks_like_hub_id, snapshot_problem
+from app.hub import (
+    COMPONENT_NAMES,
+    DEFAULT_HUB_ID,
+    WEIGHTED,
+    is_complete_snapshot,
+    looks_like_hub_id,
+    snapshot_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,114 @@ def _how_to_get(hub_id: str, local_dir: Path) -> tuple[str, str]:
     return en, zh
 
 
+def _incomplete(folder: Path, problem: str) -> ModelMissingError:
+    return ModelMissingError(
+        f"{folder} is not a complete I2VGen-XL folder ({problem}): it needs model_index.json and the "
+        f"folders {', '.join(COMPONENT_NAMES)} with their weights.",
+        f"{folder} 不是完整的 I2VGen-XL 模型目录({problem}):需要 model_index.json 以及 "
+        f"{', '.join(COMPONENT_NAMES)} 各目录和权重文件。",
+    )
+
+
+def _repair_hint(model_id: str | None) -> tuple[str, str]:
+    """What to do about a damaged file: the demo model is simply built again; real weights are fetched again."""
+    from app.engine.tiny import TINY_MODEL_ID
+
+    if model_id == TINY_MODEL_ID:
+        return ("delete the demo model's folder; it is built again at the next start.",
+                "请删除演示模型的文件夹,下次启动时会重新生成。")
+    return ("delete that file (or the whole model folder) and run python -m app download again; it fetches what "
+            "is missing.",
+            "请删除该文件(或整个模型文件夹)后重新运行 python -m app download,它会重新下载缺失的文件。")
+
+
+# The config file of each component, as the hub layout names it; each must be a JSON object.
+CONFIG_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "image_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "feature_extractor": "preprocessor_config.json",
+    "scheduler": "scheduler_config.json",
+}
+
+
+def _json_problem(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except UnicodeDecodeError:
+        return f"{path} is not a text file"
+    except json.JSONDecodeError as exc:
+        return f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    if not isinstance(data, dict):
+        return f"{path} is not a JSON object"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """None when the file's header is whole and the file holds every byte it lists, else what is wrong.
+
+    Reads only the header (kilobytes, even for a file of gigabytes)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else None
+            if length is None or length > size - 8:
+                return f"{path} is incomplete ({size} bytes, not even its header): an interrupted download or copy"
+            header = json.loads(f.read(length))
+        end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                  default=0)
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"{path} is not a safetensors file (its header is damaged)"
+    if size < 8 + length + end:
+        return f"{path} is incomplete ({size} of {8 + length + end} bytes): an interrupted download or copy"
+    return None
+
+
+def damaged_file(model_dir: Path) -> str | None:
+    """None when every file the loader reads looks whole, else which file is not and why (one line).
+
+    The configs must be JSON, the tokenizer must have its vocabulary, every safetensors file must hold all
+    the bytes its header lists, and every shard a weight index names must exist. A damaged file must fail
+    the load by name: a component loaded around it would run with random weights or an empty vocabulary.
+    """
+    for name, config in CONFIG_FILES.items():
+        problem = _json_problem(model_dir / name / config)
+        if problem:
+            return problem
+    tokenizer = model_dir / "tokenizer"
+    vocabularies = [tokenizer / "tokenizer.json"] if (tokenizer / "tokenizer.json").is_file() else [
+        tokenizer / "vocab.json"]
+    if not vocabularies[0].is_file() or (vocabularies[0].name == "vocab.json" and not (tokenizer / "merges.txt").is_file()):
+        return f"{tokenizer} has no vocabulary (tokenizer.json, or vocab.json with merges.txt)"
+    problem = _json_problem(vocabularies[0])
+    if problem:
+        return problem
+    for name in WEIGHTED:
+        folder = model_dir / name
+        for index in sorted(folder.glob("*.safetensors.index.json")):
+            problem = _json_problem(index)
+            if problem:
+                return problem
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+            for shard in sorted(set(weight_map.values()) if isinstance(weight_map, dict) else []):
+                if not (folder / str(shard)).is_file():
+                    return f"{index} names {shard}, which is missing"
+        for weights in sorted(folder.glob("*.safetensors")):
+            problem = _safetensors_problem(weights)
+            if problem:
+                return problem
+    return None
+
+
 def resolve_model_dir(source: str, *, local_dir: Path, revision: str | None = None,
                       variant: str = "fp16", cache_dir: Path | None = None) -> Path:
     """Turn a model source (folder or hub id) into a local folder in the hub layout, without downloading."""
@@ -72,12 +187,7 @@ def resolve_model_dir(source: str, *, local_dir: Path, revision: str | None = No
     if as_path.is_dir():
         problem = snapshot_problem(as_path)
         if problem:
-            raise ModelMissingError(
-                f"{as_path} is not a complete I2VGen-XL folder ({problem}): it needs model_index.json and the "
-                f"folders {', '.join(COMPONENT_NAMES)} with their weights.",
-                f"{as_path} 不是完整的 I2VGen-XL 模型目录({problem}):需要 model_index.json 以及 "
-                f"{', '.join(COMPONENT_NAMES)} 各目录和权重文件。",
-            )
+            raise _incomplete(as_path, problem)
         return as_path
     if not looks_like_hub_id(source):
         raise ModelMissingError(
@@ -170,40 +280,57 @@ def _check_loading_info(name: str, info: dict, folder: Path) -> None:
 
 def load_components(model_dir: Path, *, dtype: Any, variant: str = "fp16", model_id: str | None = None,
                     revision: str | None = None) -> Components:
-    """Load all seven parts from model_dir onto the CPU in `dtype`, checking every weight key."""
-    from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
-    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+    """Load all seven parts from model_dir onto the CPU in `dtype`, checking every file and every weight key.
 
-    if not is_complete_snapshot(model_dir):
-        raise ModelMissingError(*_how_to_get(model_id or str(model_dir), model_dir))
+    Any failure is a ModelMissingError that names the file or the component and says what to do."""
+    from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
+    from transformers import CLIPTokenizer, CLIPTextModel, CLIPVisionModelWithProjection
+
+    problem = snapshot_problem(model_dir)
+    if problem:
+        raise _incomplete(model_dir, problem)
+    hint_en, hint_zh = _repair_hint(model_id)
+    problem = damaged_file(model_dir)
+    if problem:
+        raise ModelMissingError(f"The model in {model_dir} is damaged: {problem}. To repair it, {hint_en}",
+                                f"{model_dir} 中的模型文件已损坏:{problem}。{hint_zh}")
+
+    def load(name: str, make: Any) -> Any:
+        try:
+            return make(model_dir / name)
+        except ModelMissingError:
+            raise
+        except Exception as exc:  # whatever the library raises for a file it cannot use
+            raise ModelMissingError(
+                f"Could not load the {name} from {model_dir / name}: {type(exc).__name__}: {str(exc).rstrip('. ')}. "
+                f"If a file there is damaged, {hint_en}",
+                f"无法从 {model_dir / name} 加载 {name}:{type(exc).__name__}: {exc}。如果其中的文件已损坏:{hint_zh}",
+            ) from exc
+
     loaded: dict[str, Any] = {}
-    try:
-        for name, cls, library in [
-            ("unet", I2VGenXLUNet, "diffusers"),
-            ("vae", AutoencoderKL, "diffusers"),
-            ("text_encoder", CLIPTextModel, "transformers"),
-            ("image_encoder", CLIPVisionModelWithProjection, "transformers"),
-        ]:
-            folder = model_dir / name
-            kwargs = {"variant": _variant_of(folder, variant), "dtype": dtype, "output_loading_info": True}
-            model, info = cls.from_pretrained(folder, **kwargs)
+    for name, cls in [("unet", I2VGenXLUNet), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
+                      ("image_encoder", CLIPVisionModelWithProjection)]:
+        def weights(folder: Path, cls: Any = cls, name: str = name) -> Any:
+            model, info = cls.from_pretrained(folder, variant=_variant_of(folder, variant), dtype=dtype,
+                                              output_loading_info=True)
             _check_loading_info(name, info, folder)
-            loaded[name] = model.eval().requires_grad_(False)
-        loaded["tokenizer"] = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
-        loaded["scheduler"] = DDIMScheduler.from_pretrained(model_dir / "scheduler")
-        fe = json.loads((model_dir / "feature_extractor" / "preprocessor_config.json").read_text(encoding="utf-8"))
-    except ModelMissingError:
-        raise
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise ModelMissingError(
-            f"Could not load the model from {model_dir}: {type(exc).__name__}: {exc}",
-            f"无法从 {model_dir} 加载模型:{type(exc).__name__}: {exc}",
-        ) from exc
-    crop = fe.get("crop_size", 224)
-    size = int(crop["height"] if isinstance(crop, dict) else crop)
+            return model.eval().requires_grad_(False)
+
+        loaded[name] = load(name, weights)
+    loaded["tokenizer"] = load("tokenizer", CLIPTokenizer.from_pretrained)
+    loaded["scheduler"] = load("scheduler", DDIMScheduler.from_pretrained)
+    fe = json.loads((model_dir / "feature_extractor" / "preprocessor_config.json").read_text(encoding="utf-8"))
+    try:
+        crop = fe.get("crop_size", 224)
+        size = int(crop["height"] if isinstance(crop, dict) else crop)
+        image_mean, image_std = tuple(fe["image_mean"]), tuple(fe["image_std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        path = model_dir / "feature_extractor" / "preprocessor_config.json"
+        raise ModelMissingError(f"The model in {model_dir} is damaged: {path} lacks {exc}. To repair it, {hint_en}",
+                                f"{model_dir} 中的模型文件已损坏:{path} 缺少 {exc}。{hint_zh}") from exc
     return Components(
         unet=loaded["unet"], vae=loaded["vae"], text_encoder=loaded["text_encoder"],
         tokenizer=loaded["tokenizer"], image_encoder=loaded["image_encoder"], scheduler=loaded["scheduler"],
-        image_mean=tuple(fe["image_mean"]), image_std=tuple(fe["image_std"]), clip_image_size=size,
+        image_mean=image_mean, image_std=image_std, clip_image_size=size,
         model_dir=model_dir, model_id=model_id or str(model_dir), revision=revision,
     )
