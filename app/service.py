@@ -7,6 +7,7 @@ by a loader function passed in, so tests can swap in fakes.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import platform
 import threading
@@ -115,6 +116,75 @@ LOADING_MESSAGES = {
     "compile_cached": Message("Model loading: optimising it for this GPU from the last start's saved result…",
                               "模型加载中:正在用上次启动保存的结果为本机 GPU 优化模型…"),
 }
+
+
+class OutputsError(AppError):
+    """The video could not be written into the outputs folder: a full disk, a folder that is read-only,
+    missing or a file. Nothing was left there; the app keeps running."""
+
+
+def outputs_error(exc: OSError, folder: Path) -> OutputsError:
+    """What a failed write into `folder` means for the user, and what to do, in both languages."""
+    reason = exc.strerror or str(exc)
+    try:
+        a_file = folder.exists() and not folder.is_dir()
+    except OSError:
+        a_file = False
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return OutputsError(
+            f"Disk full: the video could not be saved in {folder}. Free some disk space (or set paths.outputs "
+            "to a folder on another disk), then generate again. Nothing was saved.",
+            f"磁盘已满:视频无法保存到 {folder}。请释放磁盘空间(或将 paths.outputs 设为其他磁盘上的文件夹)后重新生成。"
+            "本次未保存任何文件。")
+    if a_file:
+        return OutputsError(
+            f"{folder} is a file, not a folder: the video could not be saved. Move that file away (the folder is "
+            "then created again) or set paths.outputs to another folder.",
+            f"{folder} 是一个文件而不是文件夹:视频无法保存。请移走该文件(之后会自动重新创建文件夹),"
+            "或将 paths.outputs 设为其他文件夹。")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputsError(
+            f"The outputs folder {folder} is not writable ({reason}): the video could not be saved. Make it "
+            "writable, or set paths.outputs to a folder you own, then generate again. Nothing was saved.",
+            f"输出文件夹 {folder} 不可写入({reason}):视频无法保存。请让该文件夹可写,"
+            "或将 paths.outputs 设为您有权限的文件夹后重新生成。本次未保存任何文件。")
+    return OutputsError(
+        f"The video could not be saved in {folder} ({reason}). Check that folder, or set paths.outputs to "
+        "another one, then generate again. Nothing was saved.",
+        f"视频无法保存到 {folder}({reason})。请检查该文件夹,或将 paths.outputs 设为其他文件夹后重新生成。"
+        "本次未保存任何文件。")
+
+
+# Metadata values that are the user's own words, kept exactly as typed.
+USER_TEXT = ("prompt", "negative_prompt")
+
+
+def portable(value: Any, root: Path) -> Any:
+    """`value` with no absolute path in it: a path under the project folder `root` becomes relative to it,
+    any other absolute path just its last name, and a path inside a text (an error note) is shortened the
+    same way, with the home folder as ``~``."""
+    if isinstance(value, dict):
+        return {key: portable(item, root) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(item, root) for item in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str):
+        return value
+    as_path = Path(value)
+    if as_path.is_absolute() and "\n" not in value:
+        try:
+            return as_path.relative_to(root).as_posix()
+        except ValueError:
+            return as_path.name
+    try:
+        home = str(Path.home())
+    except (KeyError, RuntimeError):  # no home folder known
+        home = ""
+    for prefix, short in ((str(root), "."), (home, "~")):
+        if prefix and Path(prefix).parent != Path(prefix):  # never rewrite a bare "/" or "C:\\"
+            value = value.replace(prefix, short)
+    return value
 
 
 class GenerationService:
@@ -308,14 +378,30 @@ class GenerationService:
                 "versions": _library_versions(),
                 "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
             }
-            video = self._writer(result.frames_thwc_uint8, sample.fps, self.settings.path("outputs"),
-                                {**metadata, "timings_s": timings})
+            # No absolute path (it names the user's home) in a file that is shared with the video.
+            metadata = {key: value if key in USER_TEXT else portable(value, self.settings.root)
+                        for key, value in metadata.items()}
+            outputs = self.settings.path("outputs")
+            try:
+                video = self._writer(result.frames_thwc_uint8, sample.fps, outputs, {**metadata, "timings_s": timings})
+            except OSError as exc:  # the writer has removed its temp files: nothing is left in outputs/
+                log.warning("could not write the video into %s: %s", outputs, exc)
+                raise outputs_error(exc, outputs) from None
             input_name = save_input_image(image, video.path)
             timings["write"] = time.perf_counter() - write_start
             timings["total"] = time.perf_counter() - started
             metadata["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
             metadata["input_image"] = input_name
-            update_metadata(video, {"timings_s": metadata["timings_s"], "input_image": input_name})
+            try:
+                update_metadata(video, {"timings_s": metadata["timings_s"], "input_image": input_name})
+            except OSError as exc:  # the video and its JSON are complete; only the write time is missing
+                log.warning("could not add the write time to %s: %s", video.metadata_path.name, exc)
+                input_name = None
+            if input_name is None:
+                warnings.append(Message(
+                    f"The video was saved, but its input image (or its write time) could not be kept beside it "
+                    f"in {outputs}: is the disk full?",
+                    f"视频已保存,但无法在 {outputs} 中同时保存输入图片(或写入耗时):磁盘是否已满?"))
         log.info("wrote %s (seed %d, %.1f s)", video.path.name, sample.seed, timings["total"])
         return GenerationResult(video_path=video.path, metadata_path=video.metadata_path, metadata=metadata,
                                 seed=sample.seed, timings_s=metadata["timings_s"], peak_vram_gib=peak,
