@@ -35,6 +35,28 @@ def _say(level: str, text: str) -> None:
     print(f"[{level}] {text}", file=stream, flush=True)
 
 
+def cli_lang(environ: Any = None) -> str:
+    """'zh' or 'en' for the console's messages, from the locale variables in POSIX order (LC_ALL, then
+    LC_MESSAGES, then LANG: the first one set decides); English when none is set."""
+    environ = os.environ if environ is None else environ
+    for key in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = environ.get(key, "")
+        if value:
+            return "zh" if value.lower().startswith("zh") else "en"
+    return "en"
+
+
+def _number_arg(text: str) -> int | float | str:
+    """A number flag's value: an int or a float where it is one (nan and inf included), else the text itself,
+    so the service refuses it with the same message, in the user's language, as any other bad value."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="tiny (demo model, output is noise), a folder in the hub layout, or a hub id "
                                    "(default: model.source in the config)")
@@ -65,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="what should happen in the video")
     gen.add_argument("--negative-prompt", help="what the video should not show (default from the config)")
     gen.add_argument("--preset", help="fast, standard or high (values not given below come from it)")
-    gen.add_argument("--resolution", type=float, help="output side in pixels, a multiple of 64 (512, 768)")
-    gen.add_argument("--frames", type=float, dest="num_frames", help="number of frames")
-    gen.add_argument("--fps", type=float, help="frames per second (also conditions the motion)")
-    gen.add_argument("--steps", type=float, help="denoising steps")
-    gen.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
-    gen.add_argument("--seed", type=float, help="seed; -1 picks a random one")
+    gen.add_argument("--resolution", type=_number_arg, help="output side in pixels, a multiple of 64 (512, 768)")
+    gen.add_argument("--frames", type=_number_arg, dest="num_frames", help="number of frames")
+    gen.add_argument("--fps", type=_number_arg, help="frames per second (also conditions the motion)")
+    gen.add_argument("--steps", type=_number_arg, help="denoising steps")
+    gen.add_argument("--guidance", type=_number_arg, dest="guidance_scale", help="guidance scale")
+    gen.add_argument("--seed", type=_number_arg, help="seed; -1 picks a random one")
     gen.add_argument("--output-dir", type=Path, help="folder for the MP4 and JSON (default: outputs/)")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.add_argument("--compile", action="store_true",
@@ -149,8 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args, settings)
     except AppError as exc:
-        lang = "zh" if os.environ.get("LANG", "").lower().startswith("zh") else "en"
-        _say("ERROR", exc.message(lang))
+        _say("ERROR", exc.message(cli_lang()))
         log.error("%s: %s", type(exc).__name__, exc.en)
         return exc.exit_code
     except KeyboardInterrupt:

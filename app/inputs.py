@@ -9,6 +9,7 @@ import io
 import math
 import numbers
 import secrets
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +21,15 @@ from app.config import Limits, VideoParams
 from app.errors import InputError
 
 MAX_SEED = 2 ** 32 - 1
+
+# The formats an upload may have. Pillow would open more, among them EPS (which it renders by running
+# Ghostscript on the file) and many rare formats whose decoders see little use: an upload is untrusted data.
+# JPEG includes MPO, what many phone cameras write (a JPEG with a second picture attached).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+FORMATS_TEXT = "PNG, JPEG, WebP, BMP, TIFF or GIF"
+# The model sees the image's centre square, scaled to at least limits.min_resolution (64 px). A square under
+# 16 px is a few flat blocks by then: such a file is a wrong one (a tracking pixel, an icon, a sliver).
+MIN_IMAGE_SIDE = 16
 
 
 # Image -------------------------------------------------------------------------------------------
@@ -42,9 +52,80 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _too_large_error(what: str, limit: str) -> InputError:
+def _too_large_error(what: str, what_zh: str, limit: str, limit_zh: str) -> InputError:
     return InputError(f"The image is too large ({what}); the limit is {limit}. Use a smaller image.",
-                      f"图片过大({what});上限为 {limit}。请使用更小的图片。")
+                      f"图片过大({what_zh});上限为 {limit_zh}。请使用更小的图片。")
+
+
+def _pixels_error(what: str, what_zh: str, limits: Limits) -> InputError:
+    return _too_large_error(what, what_zh, f"{limits.max_image_pixels:,} pixels", f"{limits.max_image_pixels:,} 像素")
+
+
+def _megabytes(size: int) -> str:
+    """A file size in MB, rounded up so that a file just over a limit never reads as the limit itself."""
+    return f"{math.ceil(size / 1024 / 1024 * 10) / 10:.1f} MB"
+
+
+def _unreadable(name: str, exc: OSError) -> InputError:
+    return InputError(f"The image file {name!r} could not be read ({exc.strerror or exc}).",
+                      f"无法读取图片文件 {name!r}({exc.strerror or exc})。")
+
+
+def _looks_like_svg(data: bytes) -> bool:
+    head = data[:1024].lstrip().lower()
+    return head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower())
+
+
+def _decode(data: bytes, name: str, limits: Limits) -> Image.Image:
+    """Open and decode the bytes of an upload: one of IMAGE_FORMATS, within the pixel limit. An animated
+    image (GIF, WebP, APNG) gives its first frame, as a video's first frame is what the model is given."""
+    Image.init()  # registers every plugin, so that `formats` can name those Pillow loads only on demand
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below decides; PIL's global one still stops true bombs.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            if img.width * img.height > limits.max_image_pixels:
+                size = f"{img.width}×{img.height}"
+                raise _pixels_error(size, size, limits)
+            # JPEG can decode at 1/2, 1/4 or 1/8 size directly: a 10000² photo never needs full memory.
+            img.draft("RGB", (limits.max_image_side, limits.max_image_side))
+            img.load()
+            return img
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise _pixels_error("a decompression bomb", "疑似解压炸弹", limits) from None
+    except UnidentifiedImageError:
+        if _looks_like_svg(data):
+            raise InputError(f"{name!r} is an SVG drawing, which the app cannot read. Export it as a PNG first.",
+                             f"{name!r} 是 SVG 矢量图,无法直接读取。请先导出为 PNG。") from None
+        raise InputError(f"{name!r} is not an image the app can read ({FORMATS_TEXT}).",
+                         f"{name!r} 不是可识别的图片格式(支持 PNG、JPEG、WebP、BMP、TIFF、GIF)。") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"The image {name!r} is damaged or truncated ({exc}).",
+                         f"图片 {name!r} 已损坏或不完整({exc})。") from None
+
+
+def _fit(img: Image.Image, limits: Limits) -> Image.Image:
+    """No side longer than limits.max_image_side. The model sees only the centre square, so a long strip is
+    first cropped around its centre to the aspect ratio max_image_side : max_resolution: scaled down after that,
+    its short side still has max_resolution pixels, and the square the model sees keeps its detail (a
+    20000×200 strip shrunk whole would leave a 20-pixel square)."""
+    side = limits.max_image_side
+    if max(img.size) <= side:
+        return img
+    w, h = img.size
+    longest = math.ceil(min(w, h) * side / limits.max_resolution)
+    if w > longest:
+        left = (w - longest) // 2
+        img = img.crop((left, 0, left + longest, h))
+    elif h > longest:
+        top = (h - longest) // 2
+        img = img.crop((0, top, w, top + longest))
+    if max(img.size) > side:
+        img.thumbnail((side, side), Image.LANCZOS)
+    return img
 
 
 def load_image(source: Any, limits: Limits) -> Image.Image:
@@ -62,10 +143,16 @@ def load_image(source: Any, limits: Limits) -> Image.Image:
     else:
         if isinstance(source, (str, Path)):
             path = Path(source)
-            if not path.is_file():
-                raise InputError(f"The image file {path.name!r} does not exist.", f"图片文件 {path.name!r} 不存在。")
-            size = path.stat().st_size
             name = path.name
+            try:
+                if path.is_dir():
+                    raise InputError(f"{str(path)!r} is a folder, not an image file.",
+                                     f"{str(path)!r} 是文件夹,不是图片文件。")
+                if not path.is_file():
+                    raise InputError(f"The image file {name!r} does not exist.", f"图片文件 {name!r} 不存在。")
+                size = path.stat().st_size
+            except OSError as exc:  # no permission, a name too long
+                raise _unreadable(name, exc) from None
         elif isinstance(source, (bytes, bytearray)):
             size, name = len(source), "upload"
         else:
@@ -75,38 +162,22 @@ def load_image(source: Any, limits: Limits) -> Image.Image:
             raise InputError(f"The file {name!r} is empty (0 bytes); it is not an image.",
                              f"文件 {name!r} 为空(0 字节),不是图片。")
         if size > limits.max_upload_mb * 1024 * 1024:
-            raise _too_large_error(f"{size / 1024 / 1024:.1f} MB", f"{limits.max_upload_mb} MB")
-        data = path.read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+            raise _too_large_error(_megabytes(size), _megabytes(size), f"{limits.max_upload_mb} MB",
+                                   f"{limits.max_upload_mb} MB")
         try:
-            with warnings.catch_warnings():
-                # Our own pixel limit below decides; PIL's global one still stops true bombs.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                if img.width * img.height > limits.max_image_pixels:
-                    raise _too_large_error(f"{img.width}×{img.height}", f"{limits.max_image_pixels:,} pixels")
-                # JPEG can decode at 1/2, 1/4 or 1/8 size directly: a 10000² photo never needs full memory.
-                img.draft("RGB", (limits.max_image_side, limits.max_image_side))
-                img.load()
-        except InputError:
-            raise
-        except Image.DecompressionBombError:
-            raise _too_large_error("decompression bomb", f"{limits.max_image_pixels:,} pixels") from None
-        except UnidentifiedImageError:
-            raise InputError(f"{name!r} is not an image PIL can read (PNG, JPEG, WebP, BMP, TIFF…).",
-                             f"{name!r} 不是可识别的图片格式(支持 PNG、JPEG、WebP、BMP、TIFF 等)。") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"The image {name!r} is damaged or truncated ({exc}).",
-                             f"图片 {name!r} 已损坏或不完整({exc})。") from None
-    if img.width < 1 or img.height < 1:
-        raise InputError("The image has no pixels.", "图片没有像素。")
+            data = path.read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+        except OSError as exc:
+            raise _unreadable(name, exc) from None
+        img = _decode(data, name, limits)
+    if min(img.size) < MIN_IMAGE_SIDE:
+        w, h = img.size
+        raise InputError(f"The image is only {w}×{h} pixels; each side needs at least {MIN_IMAGE_SIDE}.",
+                         f"图片只有 {w}×{h} 像素;每条边至少需要 {MIN_IMAGE_SIDE} 像素。")
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not lose the picture; keep it unrotated
         pass
-    img = _to_rgb(img)
-    if max(img.size) > limits.max_image_side:
-        img.thumbnail((limits.max_image_side, limits.max_image_side), Image.LANCZOS)
-    return img
+    return _fit(_to_rgb(img), limits)
 
 
 # Prompt ------------------------------------------------------------------------------------------
@@ -119,6 +190,13 @@ def check_prompt(prompt: Any, limits: Limits, *, name: str = "prompt", allow_emp
         raise InputError(f"The {name} must be text, not {type(prompt).__name__}.",
                          f"{label_zh}必须是文本,而不是 {type(prompt).__name__}。")
     prompt = prompt.strip()
+    for i, ch in enumerate(prompt):
+        # Tabs and line breaks are text; other control characters (NUL, terminal escapes) never are, and they
+        # would travel into the logs and the metadata.
+        if ch not in "\t\n\r" and unicodedata.category(ch) == "Cc":
+            code = f"U+{ord(ch):04X}"
+            raise InputError(f"The {name} contains a control character ({code}) at position {i + 1}; remove it.",
+                             f"{label_zh}的第 {i + 1} 个字符是控制字符({code}),请删除。")
     if not prompt and not allow_empty:
         raise InputError("The prompt is empty: describe the motion you want, e.g. 'a cat walking'.",
                          "提示词为空:请描述想要的动作,例如“一只猫在走路”。")

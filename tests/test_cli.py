@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -130,3 +131,29 @@ def test_the_console_says_when_a_start_is_compiling(env_dirs, input_png, capsys,
     assert code == 0
     assert ("[INFO] Model loading: optimising it for this GPU. Only the first start takes this long (one to two "
             "minutes); later starts reuse the result. / 模型加载中:正在为本机 GPU 优化模型") in out
+
+
+@pytest.mark.parametrize(("environ", "lang"), [
+    ({}, "en"),
+    ({"LANG": "zh_CN.UTF-8"}, "zh"),
+    ({"LANG": "en_US.UTF-8"}, "en"),
+    ({"LANG": "zh_CN.UTF-8", "LC_MESSAGES": "en_GB.UTF-8"}, "en"),  # LC_MESSAGES wins over LANG
+    ({"LANG": "en_US.UTF-8", "LC_ALL": "zh_TW.UTF-8"}, "zh"),  # LC_ALL wins over both
+    ({"LC_ALL": "", "LANG": "zh_SG"}, "zh"),  # an empty variable counts as unset
+])
+def test_the_console_language_follows_the_locale_variables(environ, lang):
+    assert cli.cli_lang(environ) == lang
+
+
+def test_a_number_flag_keeps_what_is_not_a_number_for_the_service_to_refuse(env_dirs, input_png, capsys,
+                                                                           monkeypatch):
+    args = cli.build_parser().parse_args(["generate", "--image", "x.png", "--prompt", "p", "--frames", "16",
+                                          "--fps", "7.5", "--steps", "nan", "--seed", "lucky"])
+    assert (args.num_frames, args.fps, args.seed) == (16, 7.5, "lucky") and type(args.num_frames) is int
+    assert math.isnan(args.steps)
+    for key in ("LC_ALL", "LC_MESSAGES"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LANG", "zh_CN.UTF-8")
+    code, text = _run(capsys, "generate", "--model", "tiny", "--image", str(input_png), "--prompt", "x",
+                      "--seed", "lucky")
+    assert code == 2 and "[ERROR] 种子必须是数字,收到的是 'lucky'。" in text  # not argparse's English

@@ -29,7 +29,7 @@ def _errors(fn, *args, **kw) -> InputError:
 
 
 def test_rgba_is_composited_on_white():
-    img = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    img = Image.new("RGBA", (16, 16), (255, 0, 0, 0))
     img.putpixel((0, 0), (0, 0, 255, 255))
     out = load_image(_png_bytes(img), LIMITS)
     assert out.mode == "RGB"
@@ -38,15 +38,15 @@ def test_rgba_is_composited_on_white():
 
 
 def test_palette_grayscale_cmyk_and_16bit_become_rgb():
-    pal = Image.new("P", (8, 8))
+    pal = Image.new("P", (16, 16))
     pal.putpalette([0, 200, 0] * 256)
     assert load_image(_png_bytes(pal), LIMITS).getpixel((1, 1)) == (0, 200, 0)
-    gray = Image.new("L", (8, 8), 77)
+    gray = Image.new("L", (16, 16), 77)
     assert load_image(_png_bytes(gray), LIMITS).getpixel((1, 1)) == (77, 77, 77)
-    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
     r, g, b = load_image(_png_bytes(cmyk, "JPEG"), LIMITS).getpixel((4, 4))
     assert r > 200 and g < 60 and b < 60
-    deep = Image.fromarray(np.full((8, 8), 65535 // 2, np.uint16))
+    deep = Image.fromarray(np.full((16, 16), 65535 // 2, np.uint16))
     assert deep.mode.startswith("I;16")
     value = load_image(_png_bytes(deep), LIMITS).getpixel((1, 1))
     assert 120 <= value[0] <= 135 and value[0] == value[1] == value[2]
@@ -65,6 +65,42 @@ def test_huge_image_is_downscaled_not_refused():
     out = load_image(_png_bytes(big), LIMITS)
     assert max(out.size) == LIMITS.max_image_side
     assert out.mode == "RGB"
+
+
+@pytest.mark.parametrize("size, kept", [((20000, 200), (534, 200)), ((150, 9000), (150, 400)),
+                                        ((9000, 6000), (2048, 1365))])
+def test_a_long_strip_is_cropped_around_its_centre_before_it_is_scaled(size, kept):
+    """The model sees the centre square: a strip keeps it in full detail instead of shrinking whole."""
+    w, h = size
+    img = Image.new("RGB", size, (255, 0, 0))
+    s = min(w, h)
+    img.paste((0, 255, 0), ((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
+    out = load_image(_png_bytes(img), LIMITS)
+    assert out.size == kept  # a photo of ordinary shape is only scaled
+    assert out.getpixel((out.width // 2, out.height // 2)) == (0, 255, 0)
+
+
+def test_only_the_listed_formats_are_opened():
+    img = Image.new("RGB", (20, 20), (10, 200, 30))
+    for fmt in ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"):
+        assert load_image(_png_bytes(img, fmt), LIMITS).size == (20, 20), fmt
+    for fmt in ("PPM", "TGA", "ICO", "PCX"):  # Pillow reads these, the app does not
+        err = _errors(load_image, _png_bytes(img, fmt), LIMITS)
+        assert "is not an image the app can read (PNG, JPEG, WebP, BMP, TIFF or GIF)" in err.en, fmt
+        assert "不是可识别的图片格式" in err.zh
+
+
+def test_a_file_that_cannot_be_read(tmp_path, monkeypatch):
+    path = tmp_path / "locked.png"
+    path.write_bytes(_png_bytes(Image.new("RGB", (20, 20))))
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(path), "read_bytes", denied)
+    err = _errors(load_image, path, LIMITS)
+    assert err.en == "The image file 'locked.png' could not be read (Permission denied)."
+    assert err.zh == "无法读取图片文件 'locked.png'(Permission denied)。"
 
 
 def test_pixel_bomb_is_refused():
@@ -98,7 +134,9 @@ def test_missing_file_and_too_big_upload(tmp_path):
     err = _errors(load_image, tmp_path / "nope.png", LIMITS)
     assert "does not exist" in err.en
     err = _errors(load_image, b"x" * (2 * 1024 * 1024), Limits(max_upload_mb=1))
-    assert "1 MB" in err.en
+    assert "(2.0 MB); the limit is 1 MB" in err.en and "上限为 1 MB" in err.zh
+    err = _errors(load_image, b"x" * (1024 * 1024 + 1), Limits(max_upload_mb=1))
+    assert "(1.1 MB); the limit is 1 MB" in err.en  # rounded up: never shown as the limit itself
 
 
 def test_prompt_rules():
@@ -110,6 +148,21 @@ def test_prompt_rules():
     err = _errors(check_prompt, "x" * (LIMITS.max_prompt_chars + 1), LIMITS)
     assert str(LIMITS.max_prompt_chars) in err.en
     assert check_prompt("", LIMITS, name="negative_prompt", allow_empty=True) == ""
+
+
+@pytest.mark.parametrize("text", ["a cat\twalking\nslowly\r\n", "قطة\u200f تمشي", "a 🐱\u200d walking"])
+def test_tabs_line_breaks_and_format_characters_are_text(text):
+    assert check_prompt(text, LIMITS) == text.strip()
+
+
+@pytest.mark.parametrize("text, code, position", [("a\x00b", "U+0000", 2), ("\x1b[31mred", "U+001B", 1),
+                                                  ("del\x7f", "U+007F", 4), ("x\x85y", "U+0085", 2)])
+def test_control_characters_are_refused(text, code, position):
+    err = _errors(check_prompt, text, LIMITS)
+    assert err.en == f"The prompt contains a control character ({code}) at position {position}; remove it."
+    assert err.zh == f"提示词的第 {position} 个字符是控制字符({code}),请删除。"
+    err = _errors(check_prompt, text, LIMITS, name="negative_prompt", allow_empty=True)
+    assert err.en.startswith("The negative_prompt contains") and err.zh.startswith("反向提示词的第")
 
 
 GOOD = dict(resolution=512, num_frames=16, fps=8, steps=50, guidance_scale=9.0)
