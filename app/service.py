@@ -392,12 +392,13 @@ class GenerationService:
             timings["total"] = time.perf_counter() - started
             metadata["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
             metadata["input_image"] = input_name
+            kept = input_name is not None
             try:
                 update_metadata(video, {"timings_s": metadata["timings_s"], "input_image": input_name})
             except OSError as exc:  # the video and its JSON are complete; only the write time is missing
                 log.warning("could not add the write time to %s: %s", video.metadata_path.name, exc)
-                input_name = None
-            if input_name is None:
+                kept = False
+            if not kept:
                 warnings.append(Message(
                     f"The video was saved, but its input image (or its write time) could not be kept beside it "
                     f"in {outputs}: is the disk full?",

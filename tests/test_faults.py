@@ -19,9 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from mp4probe import probe
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -97,10 +100,6 @@ class CannedSampler:
 
 @pytest.fixture(scope="module")
 def canned_engine(tiny_engine):
-    from dataclasses import replace
-
-    import numpy as np
-
     from app.config import VideoParams
     from app.engine.sampler import SampleRequest
 
@@ -112,8 +111,6 @@ def canned_engine(tiny_engine):
 
 def _earlier_video(outputs: Path):
     """A finished video from an earlier run, with its metadata."""
-    import numpy as np
-
     return video.write_video(np.zeros((2, 64, 64, 3), np.uint8), 8, outputs, {"seed": 1, "prompt": "earlier"})
 
 
@@ -167,7 +164,8 @@ def test_sigkill_while_denoising_leaves_no_file_and_the_next_start_is_clean(
     [entry] = GenerationService(settings, lambda: None).history()
     assert entry.path == earlier.path and entry.metadata["seed"] == 1
 
-    # The next start (the real CLI, in this process) generates beside the earlier video.
+    # The next start (the CLI in this process, its model load handing out the tiny engine loaded already)
+    # generates beside the earlier video.
     assert cli.main(["generate", "--model", "tiny", "--image", str(input_png), "--prompt", "a dog", "--seed", "2",
                      "--resolution", "64", "--frames", "2", "--steps", "1", "--quiet"]) == 0
     new = Path(capsys.readouterr().out.strip().splitlines()[-1])
@@ -256,8 +254,8 @@ def _disk_full_for_json(monkeypatch, after: int = 0) -> None:
 
 
 @pytest.mark.parametrize("where", ["encoding-the-video", "writing-its-json"])
-def test_a_full_disk_is_a_clear_error_leaves_nothing_and_the_next_run_works(make_service, canned_engine, settings, image_rgb,
-                                                                            monkeypatch, where):
+def test_a_full_disk_is_a_clear_error_leaves_nothing_and_the_next_run_works(make_service, canned_engine, settings,
+                                                                            image_rgb, monkeypatch, where):
     outputs = settings.path("outputs")
     service = make_service(canned_engine)
     with monkeypatch.context() as full:
@@ -272,8 +270,8 @@ def test_a_full_disk_is_a_clear_error_leaves_nothing_and_the_next_run_works(make
     _assert_playable(service.generate(_req(image_rgb)).video_path)
 
 
-def test_a_disk_that_fills_after_the_video_keeps_the_video_with_a_warning(make_service, canned_engine, settings, image_rgb,
-                                                                          monkeypatch):
+def test_a_disk_that_fills_after_the_video_keeps_the_video_with_a_warning(make_service, canned_engine, settings,
+                                                                          image_rgb, monkeypatch):
     _disk_full_for_json(monkeypatch, after=1)  # the video and its JSON are in place; the write time is not
     result = make_service(canned_engine).generate(_req(image_rgb))
     _assert_playable(result.video_path)
@@ -287,8 +285,8 @@ def test_a_disk_that_fills_after_the_video_keeps_the_video_with_a_warning(make_s
 
 # An outputs folder that cannot be used -------------------------------------------------------------
 
-def test_a_read_only_outputs_folder_is_a_clear_error_and_the_app_keeps_serving(make_service, canned_engine, settings, image_rgb,
-                                                                               monkeypatch):
+def test_a_read_only_outputs_folder_is_a_clear_error_and_the_app_keeps_serving(make_service, canned_engine,
+                                                                               settings, image_rgb, monkeypatch):
     outputs = settings.path("outputs")
     service = make_service(canned_engine)
     outputs.chmod(0o555)
@@ -365,8 +363,6 @@ def _drop_a_weight(path: Path) -> None:
 
 def _reshape_a_weight(path: Path) -> None:
     weights = load_file(path)
-    import torch
-
     weights[sorted(weights)[0]] = torch.zeros(3, 3)
     save_file(weights, path, metadata={"format": "pt"})
 
@@ -421,7 +417,8 @@ def test_a_damaged_model_folder_is_a_clear_error_naming_the_file_never_random_we
      "[ERROR] configs: speedups.compilee: unknown setting; allowed keys are "),
     ("generate", {"I2V_MODLE__SOURCE": "tiny"}, None, "[ERROR] configs: I2V_MODLE__SOURCE: unknown section 'modle'"),
     ("generate", {}, "defaults:\n  steps: [1,\n", "[ERROR] configs: config file {config}: not valid YAML at line 3"),
-    ("generate", {}, "defaults:\n  fps: 0\n", "[ERROR] configs: defaults.fps: 0 is outside the limits; allowed is 1 to 30"),
+    ("generate", {}, "defaults:\n  fps: 0\n",
+     "[ERROR] configs: defaults.fps: 0 is outside the limits; allowed is 1 to 30"),
 ])
 def test_an_invalid_setting_is_one_line_naming_the_key_and_exit_code_6(app_env, input_png, tmp_path, monkeypatch,
                                                                        capsys, command, env, config_text, line):
@@ -454,8 +451,6 @@ def _strings(value) -> list[str]:
 
 def test_the_metadata_json_holds_no_absolute_path_and_no_secret(make_service, settings, canned_engine, image_rgb,
                                                                 monkeypatch):
-    from dataclasses import replace
-
     secret = "hf_SECRETtoken0123456789"
     monkeypatch.setenv("HF_TOKEN", secret)
     root, home = settings.root, Path.home()
@@ -474,6 +469,8 @@ def test_the_metadata_json_holds_no_absolute_path_and_no_secret(make_service, se
     assert saved["model"]["id"] == "models/my-i2vgen-xl"
     assert saved["speedups"]["cache_dir"] == "models/.compile-cache"
     assert saved["speedups"]["graph_store"] == "i2v-graphs"
-    assert saved["speedups"]["notes"] == ["torch.compile failed (cannot open ~/.triton/cache/x.so); running eager instead"]
-    assert saved["video"]["file"] == result.video_path.name and saved["input_image"] == f"{result.video_path.stem}.input.png"
+    assert saved["speedups"]["notes"] == [
+        "torch.compile failed (cannot open ~/.triton/cache/x.so); running eager instead"]
+    assert saved["video"]["file"] == result.video_path.name
+    assert saved["input_image"] == f"{result.video_path.stem}.input.png"
     assert result.metadata == {k: v for k, v in saved.items() if k != "video"}

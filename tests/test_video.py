@@ -229,7 +229,8 @@ def test_frame_source_failure_leaves_the_folder_empty(tmp_path):
 
 
 def test_ffmpeg_that_writes_no_valid_file_is_an_error(tmp_path, monkeypatch):
-    _fake_ffmpeg(monkeypatch, "import sys; sys.stdin.buffer.read(); open(sys.argv[1], 'wb').write(b'\\0\\0\\0\\x08junk')")
+    _fake_ffmpeg(monkeypatch,
+                 "import sys; sys.stdin.buffer.read(); open(sys.argv[1], 'wb').write(b'\\0\\0\\0\\x08junk')")
     with pytest.raises(RuntimeError, match="did not produce a complete MP4"):
         write_video(moving_frames(2), 8, tmp_path, {}, now=NOW)
     assert folder_names(tmp_path) == set()
@@ -362,7 +363,8 @@ def test_fresh_temp_files_of_a_dead_process_are_removed_and_a_live_ones_kept(tmp
     dead_files = [tmp_path / f".video_20260101_000000_000.mp4.{dead}.part",
                   tmp_path / f".video_20260101_000000_000.input.png.{dead}.part",
                   tmp_path / ".video_20260101_000000_000.lock"]
-    live_files = [tmp_path / f".video_20260102_000000_000.mp4.{live}.part", tmp_path / ".video_20260102_000000_000.lock"]
+    live_files = [tmp_path / f".video_20260102_000000_000.mp4.{live}.part",
+                  tmp_path / ".video_20260102_000000_000.lock"]
     for path in dead_files[:2] + live_files[:1]:
         path.write_bytes(b"x")
     dead_files[2].write_text(f"{dead}\n", encoding="ascii")

@@ -156,11 +156,13 @@ def damaged_file(model_dir: Path) -> str | None:
         if problem:
             return problem
     tokenizer = model_dir / "tokenizer"
-    vocabularies = [tokenizer / "tokenizer.json"] if (tokenizer / "tokenizer.json").is_file() else [
-        tokenizer / "vocab.json"]
-    if not vocabularies[0].is_file() or (vocabularies[0].name == "vocab.json" and not (tokenizer / "merges.txt").is_file()):
+    if (tokenizer / "tokenizer.json").is_file():
+        vocabulary = tokenizer / "tokenizer.json"
+    elif (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file():
+        vocabulary = tokenizer / "vocab.json"
+    else:
         return f"{tokenizer} has no vocabulary (tokenizer.json, or vocab.json with merges.txt)"
-    problem = _json_problem(vocabularies[0])
+    problem = _json_problem(vocabulary)
     if problem:
         return problem
     for name in WEIGHTED:
