@@ -212,9 +212,20 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             _say("ERROR", "--auth needs USER:PASS, e.g. --auth alice:secret / --auth 格式为 用户名:密码")
             return EXIT_BAD_INPUT
         auth = (user, password)
+        if args.mcp:
+            # Gradio's MCP server asks for no login: its tool list and /cancel would answer anyone, while
+            # /generate would fail for everyone.
+            _say("ERROR", "--mcp cannot be used with --auth: Gradio's MCP server has no login, so its tools would "
+                          "be open to anyone who can reach the app. / --mcp 不能与 --auth 同时使用:Gradio 的 MCP "
+                          "服务没有登录验证,其工具会对所有能访问本程序的人开放。")
+            return EXIT_BAD_INPUT
     if settings.server.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         _say("WARN", "The app is open to other machines with no login; add --auth USER:PASS. / "
                      "已对其他设备开放且无需登录,建议加上 --auth 用户名:密码。")
+    if args.share and auth is None:
+        _say("WARN", "The share link is public with no login: anyone who has it can use this GPU and see every "
+                     "video in outputs/; add --auth USER:PASS. / 公开链接无需登录:任何拿到链接的人都能使用本机 GPU 并查看"
+                     " outputs/ 中的所有视频,建议加上 --auth 用户名:密码。")
     service = _make_service(args, settings)
     service.start_loading()
     if args.model == "tiny":
