@@ -13,7 +13,7 @@ input image as the app kept it, the numbers it used). Each door runs every row t
 
 A refused row leaves no file in outputs/ and shows no stack trace. An accepted row, through the CLI and
 HTTP, makes a real video (checked with mp4probe) whose kept input image is checked pixel by pixel.
-The limits here are lowered (64-128 px, 2-4 frames, 1-3 steps, uploads up to 1 MB), so that a video at
+The limits here are lowered (64-128 px, 2-3 frames, 1-2 steps, uploads up to 1 MB), so that a video at
 every maximum costs a fraction of a second with the tiny model on the CPU.
 """
 
@@ -57,8 +57,8 @@ CLI_FLAGS = {"resolution": "resolution", "num_frames": "frames", "fps": "fps", "
              "guidance_scale": "guidance", "seed": "seed"}
 SMALL = {"resolution": 64, "num_frames": 2, "fps": 8, "steps": 1, "guidance_scale": 9.0, "seed": 7}
 # This module's limits and defaults (the demo defaults too: the tiny model is the demo model).
-LIMITS = {"min_resolution": 64, "max_resolution": 128, "resolution_multiple": 64, "min_frames": 2, "max_frames": 4,
-          "min_fps": 1, "max_fps": 30, "min_steps": 1, "max_steps": 3, "min_guidance_scale": 1.0,
+LIMITS = {"min_resolution": 64, "max_resolution": 128, "resolution_multiple": 64, "min_frames": 2, "max_frames": 3,
+          "min_fps": 1, "max_fps": 30, "min_steps": 1, "max_steps": 2, "min_guidance_scale": 1.0,
           "max_guidance_scale": 20.0, "max_prompt_chars": 2000, "max_upload_mb": 1}
 DEFAULTS = {"resolution": 128, "num_frames": 3, "fps": 7, "steps": 2, "guidance_scale": 4.5}
 DEFAULT_NEGATIVE = "blurry, static"
@@ -266,7 +266,7 @@ def _param_cases() -> list[Case]:
     rows = []
     zh_names = {"resolution": "分辨率", "num_frames": "帧数", "fps": "帧率 (FPS)", "steps": "推理步数",
                 "guidance_scale": "引导系数", "seed": "种子"}
-    past = {"resolution": (192, "64–128"), "num_frames": (5, "2–4"), "fps": (31, "1–30"), "steps": (4, "1–3"),
+    past = {"resolution": (192, "64–128"), "num_frames": (4, "2–3"), "fps": (31, "1–30"), "steps": (3, "1–2"),
             "guidance_scale": (20.5, "1.0–20.0"), "seed": (2 ** 32, "-1–4294967295")}
     negative = {"resolution": -64, "num_frames": -2, "fps": -8, "steps": -1, "guidance_scale": -1.0, "seed": -2}
     for name, zh in zh_names.items():
@@ -359,9 +359,9 @@ CASES: list[Case] = [
                                              "guidance_scale": 1.0, "seed_was_random": True}
          ).with_params(resolution=64, num_frames=2, fps=1, steps=1, guidance_scale=1.0, seed=-1),
     Case("params-each-at-its-maximum", prompt="p" * 2000,
-         used={"resolution": 128, "num_frames": 4, "fps": 30, "steps": 3, "guidance_scale": 20.0,
+         used={"resolution": 128, "num_frames": 3, "fps": 30, "steps": 2, "guidance_scale": 20.0,
                "seed": 2 ** 32 - 1, "prompt": "p" * 2000},
-         ).with_params(resolution=128, num_frames=4, fps=30, steps=3, guidance_scale=20.0, seed=2 ** 32 - 1),
+         ).with_params(resolution=128, num_frames=3, fps=30, steps=2, guidance_scale=20.0, seed=2 ** 32 - 1),
     Case("params-missing-take-the-defaults", negative_prompt=MISSING,
          params={name: MISSING for name in SMALL},
          used={**DEFAULTS, "seed_was_random": True, "negative_prompt": DEFAULT_NEGATIVE}),
