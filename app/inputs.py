@@ -72,8 +72,9 @@ def _unreadable(name: str, exc: OSError) -> InputError:
 
 
 def _looks_like_svg(data: bytes) -> bool:
-    head = data[:1024].lstrip().lower()
-    return head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower())
+    """An XML text whose first few KB open an <svg> element (after a BOM, an XML declaration or a doctype)."""
+    head = data[:4096].removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+    return head.startswith(b"<") and b"<svg" in head
 
 
 def _decode(data: bytes, name: str, limits: Limits) -> Image.Image:

@@ -122,6 +122,18 @@ def test_non_images_get_clear_errors(data, en_part, zh_part):
     assert en_part in err.en and zh_part in err.zh
 
 
+@pytest.mark.parametrize("data, svg", [
+    (b'<svg xmlns="http://www.w3.org/2000/svg"/>', True),
+    (b'\xef\xbb\xbf<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN">\n<svg/>', True),
+    (b"<html><body>not a picture</body></html>", False),
+])
+def test_an_svg_is_named_as_one(data, svg):
+    err = _errors(load_image, data, LIMITS)
+    assert ("is an SVG drawing, which the app cannot read. Export it as a PNG first." in err.en) is svg
+    assert ("是 SVG 矢量图" in err.zh) is svg
+    assert svg or "is not an image the app can read" in err.en
+
+
 def test_truncated_file_gets_clear_error(tmp_path):
     data = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
     path = tmp_path / "cut.png"

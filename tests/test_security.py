@@ -108,7 +108,8 @@ def test_serve_binds_127_0_0_1_unless_told_to_listen(served):
     assert served.demo.share_url is None
 
 
-def test_listen_or_share_without_a_login_warns_and_a_malformed_login_is_refused(tmp_path, monkeypatch, capsys, tiny_engine):
+def test_listen_or_share_without_a_login_warns_and_a_malformed_login_is_refused(tmp_path, monkeypatch, capsys,
+                                                                                tiny_engine):
     import app.engine.loader as loader
     import app.ui
 
@@ -228,7 +229,8 @@ def test_no_secret_or_home_path_in_the_page_the_schema_or_what_a_run_returns(ser
         fps=8, steps=1, guidance_scale=9.0, seed=3, api_name="/generate")
     assert not _leaks(info + json.dumps(details, ensure_ascii=False), served)
     # The metadata JSON is served like the video: what anyone with the link reads.
-    served_json = served.login.get("gradio_api/file=" + str(served.outputs / Path(details["file"]).with_suffix(".json")))
+    metadata = served.outputs / Path(details["file"]).with_suffix(".json")
+    served_json = served.login.get(f"gradio_api/file={metadata}")
     assert served_json.status_code == 200
     assert not _leaks(served_json.text, served)
     meta = served_json.json()
