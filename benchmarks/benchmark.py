@@ -630,6 +630,103 @@ def part_unetcall(ctx, res, frames):
     s.__dict__.pop("_bench_variant", None)
 
 
+def redraw_weights(module: torch.nn.Module, seed: int) -> None:
+    """Other random weights of the same sizes and spread: each tensor's own values in a new, seeded order."""
+    generators: dict = {}
+    with torch.no_grad():
+        for p in module.parameters():
+            g = generators.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+            flat = p.detach().flatten()
+            p.copy_(flat[torch.randperm(flat.numel(), generator=g, device=p.device)].view_as(p))
+
+
+def verify_paths(default: str) -> dict[str, str]:
+    """verify: each speedup path by name, as a variant. `default` is the app's (see app_variant)."""
+    scope, *opts = default.split("+")
+    without = lambda *names: "+".join([scope, *[o for o in opts if o not in names]])  # noqa: E731
+    return {"CUDA graphs alone": "eager+graphs",
+            "compiled alone": "layers+det",
+            "compiled, Triton temporal attention": "layers+ttri+det",
+            "app default, compiled in this process": without("store"),
+            "app default, graphs stored with other weights": default}
+
+
+def part_verify(ctx, res, frames):
+    """Each speedup path against eager fp16 on a second random weight set: the default path's graphs are compiled
+    and stored with the model's first weights, then every path runs on other weights. A path passes when its
+    relative error against eager fp16 is within twice what eager fp16 itself shows against fp32."""
+    from app.speedups.precompile import graph_store_root
+    from app.speedups.rewrites import cfg_pair
+    from app.speedups.unet import apply_accel, remove_accel
+
+    if ctx.device.type != "cuda":
+        raise SystemExit("verify compares the GPU speedups with eager: it needs a CUDA GPU (not --tiny)")
+    s, unet = ctx.base_sampler, ctx.base_sampler.c.unet
+    if ctx.args.tiny:
+        res, frames = 64, 4  # the tiny model's size, as ctx.request
+    args = unet_inputs(ctx, res, frames)
+    cache = ctx.out / "compile-cache"  # Inductor's cache may be warm; the graph store starts empty
+    shutil.rmtree(graph_store_root(cache), ignore_errors=True)
+    default = app_variant()
+    if "store" not in default.split("+"):
+        default += "+store"
+    torch._dynamo.reset()
+    report = apply_accel(s, **variant_kwargs(default, cache))
+    with cfg_pair(unet):
+        s.denoise_fn(*args)
+    stored = dict(report.graph_store_stats or {})
+    remove_accel(s)
+    redraw_weights(unet, seed=1)
+
+    ref = s._unet_forward(*args).float()
+    with exact_fp32(unet):
+        ref32 = s._unet_forward(*[a.float() if a.is_floating_point() else a for a in args]).float()
+    eager_err = rel_err(ref, ref32)
+    rows: dict = {}
+    for label, variant in verify_paths(default).items():
+        torch._dynamo.reset()
+        report = apply_accel(s, **variant_kwargs(variant, cache))
+        try:
+            with cfg_pair(unet):
+                outs = [s.denoise_fn(*args).float().clone() for _ in range(3)]  # plain/compile, capture, replay
+            errs = [rel_err(o, ref) for o in outs]
+            rows[label] = {"variant": variant, "rel_err_vs_eager_fp16": max(errs),
+                           "rel_err_vs_fp32": rel_err(outs[-1], ref32), "within_bound": max(errs) <= 2 * eager_err,
+                           "compile": report.compile, "cuda_graphs": report.cuda_graphs,
+                           "temporal_attention": report.temporal_attention,
+                           "graph_store": dict(report.graph_store_stats) if report.graph_store_stats else None,
+                           "notes": report.notes}
+        finally:
+            remove_accel(s)
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(f"verify {label}: {json.dumps(rows[label])[:300]}", flush=True)
+
+    # A whole short video the same way: the default path (graphs stored with the first weights) vs eager.
+    req = ctx.request(res, frames, steps=10)
+    pe, ne, noise = ctx.shared_inputs(req)
+    eager_frames = s.generate(req, latents=noise)[0].float()
+    with exact_fp32(*(ctx.parts[name] for name in ("unet", "vae", "text_encoder", "image_encoder"))):
+        fp32_frames = ctx.sampler(dtype=torch.float32).generate(
+            req, latents=noise, prompt_embeds=pe.float(), negative_prompt_embeds=ne.float())[0].float()
+    torch._dynamo.reset()
+    report = apply_accel(s, **variant_kwargs(default, cache))
+    try:
+        fast_frames = s.generate(req, latents=noise)[0].float()
+    finally:
+        remove_accel(s)
+    video_eager_err = rel_err(eager_frames, fp32_frames)
+    video = {"steps": req.steps, "eager_fp16_rel_err_vs_fp32": video_eager_err,
+             "default_rel_err_vs_eager_fp16": rel_err(fast_frames, eager_frames),
+             "within_bound": rel_err(fast_frames, eager_frames) <= 2 * video_eager_err,
+             "graph_store": dict(report.graph_store_stats or {}), "notes": report.notes}
+    ctx.save(f"verify{res}", {"what": "each speedup path vs eager fp16, on weights other than the stored graphs'",
+                              "res": res, "frames": frames, "stored_with_first_weights": stored,
+                              "eager_fp16_rel_err_vs_fp32": eager_err, "bound": 2 * eager_err, "paths": rows,
+                              "video": video, "all_within_bound": all(r["within_bound"] for r in rows.values())
+                              and video["within_bound"]})
+
+
 def kernel_profile(ctx, run, n, wall_ms=None):
     """Time per call of `run` by kernel kind, and the top kernels (CPU ops on a CPU-only machine)."""
     from torch.profiler import ProfilerActivity, profile
@@ -710,25 +807,29 @@ def _image_array(ctx) -> np.ndarray:
 
 
 def part_stability(ctx):
+    """The app's GenerationService, standard runs in a row then high-quality runs (ctx.args.stability_runs of
+    each): failures, and the allocated memory after each run (it must not creep up)."""
     from app.service import GenerationRequest
 
     with_speedups(ctx, ctx.args.speedups)  # the app's speedups, where no earlier part applied them
     svc, real_writer = _service(ctx, "stability")
-    alloc, times, failures = [], [], []
-    n = 3 if ctx.args.tiny else 20
-    for i in range(n):
-        try:
-            r = svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, seed=i, video={
-                "resolution": 64 if ctx.args.tiny else 512, "num_frames": 4 if ctx.args.tiny else 16,
-                "steps": ctx.args.steps}))
-            times.append(r.timings_s["total"])
-        except Exception as exc:
-            failures.append(f"run {i + 1}: {type(exc).__name__}: {exc}")
-        alloc.append(torch.cuda.memory_allocated() / 2 ** 20 if ctx.device.type == "cuda" else 0.0)
-    ctx.save("stability", {"speedups": getattr(ctx.base_sampler, "_bench_variant", "eager"), "runs": n,
-                           "failures": failures, "allocated_mib_after_each": alloc,
-                           "drift_mib_run2_to_last": alloc[-1] - alloc[1], "median_total_s": statistics.median(times),
-                           "mp4_written": real_writer})
+    n = 3 if ctx.args.tiny else ctx.args.stability_runs
+    kinds = {"standard": (64, 4) if ctx.args.tiny else (512, 16), "high_quality": (64, 4) if ctx.args.tiny else (768, 24)}
+    result = {"speedups": getattr(ctx.base_sampler, "_bench_variant", "eager"), "mp4_written": real_writer}
+    for kind, (res, frames) in kinds.items():
+        alloc, times, failures = [], [], []
+        for i in range(n if kind == "standard" else max(1, n // 2)):
+            try:
+                r = svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, seed=i, video={
+                    "resolution": res, "num_frames": frames, "steps": ctx.args.steps}))
+                times.append(r.timings_s["total"])
+            except Exception as exc:
+                failures.append(f"run {i + 1}: {type(exc).__name__}: {exc}")
+            alloc.append(torch.cuda.memory_allocated() / 2 ** 20 if ctx.device.type == "cuda" else 0.0)
+        result[kind] = {"runs": len(alloc), "resolution": res, "frames": frames, "failures": failures,
+                        "allocated_mib_after_each": alloc, "drift_mib_run2_to_last": alloc[-1] - alloc[min(1, len(alloc) - 1)],
+                        "median_total_s": statistics.median(times) if times else None}
+    ctx.save("stability", result)
 
 
 def part_oom(ctx):
@@ -1084,7 +1185,7 @@ def table(out: Path) -> None:
             if "stages_s" in r:
                 print("    stages: " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items())
                       + f"; warm-up {r['warmup_s']:.1f} s")
-    for name in ("load", "fp32ref512", "stability", "oom", "coldstart", "appstart"):
+    for name in ("load", "fp32ref512", "stability", "oom", "coldstart", "appstart", "verify512"):
         if name in rows:
             r = {k: v for k, v in rows[name].items() if k not in ("part", "device", "torch", "date")}
             print(f"{name}: {json.dumps(r)[:400]}")
@@ -1102,11 +1203,13 @@ PARTS = {  # name: what it measures (512: 512² x 16 frames, 768: 768² x 24 fra
     "unetcall512": "one CFG-batched UNet call per --variants entry: first-call (compile) time, ms per call, error",
     "unetcall768": "the same at 768",
     "lowvram": "low-VRAM mode (model offload, one frame decoded at a time): time and peak memory",
-    "stability": "20 generations through the app's GenerationService: failures and memory drift",
+    "stability": "--stability-runs standard then half as many high-quality generations through the app's "
+                 "GenerationService: failures and memory drift",
     "oom": "a run too large for a 20 GiB cap must fail with the user-facing message, and the next run work",
     "coldstart": "fresh processes load, compile, make a first result: empty then kept cache, per --coldstart-helpers",
     "appstart": "the app's own load_engine in fresh processes per --appstart-configs: first start, restarts, frames",
     "sizeswitch": "512, 384, then 512 again with --speedups: the frames repeat and memory comes back",
+    "verify512": "each speedup path vs eager fp16 on other weights than the stored graphs' (CUDA only): errors",
 }
 
 
@@ -1146,6 +1249,8 @@ def main() -> None:
                     help="appstart: comma-separated configs, each 'default' or config overrides joined by '+', "
                          "e.g. default,speedups.temporal_attention=math")
     ap.add_argument("--appstart-starts", type=int, default=2, help="appstart: starts per config (first, restarts)")
+    ap.add_argument("--stability-runs", type=int, default=20,
+                    help="stability: standard runs in a row; then half as many high-quality ones")
     args = ap.parse_args()
     args.speedups = args.speedups or app_variant()
     if args.first_result:
@@ -1184,6 +1289,7 @@ def main() -> None:
         "coldstart": lambda: part_coldstart(ctx),
         "appstart": lambda: part_appstart(ctx),
         "sizeswitch": lambda: part_sizeswitch(ctx),
+        "verify512": lambda: part_verify(ctx, 512, 16),
     }
     for name in names:
         t = time.perf_counter()

@@ -51,7 +51,9 @@ def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
     assert ours["floor_s"] is None and ours["pct_of_floor"] is None  # no matmul rate measured on the CPU
 
     stability = json.loads((out / "stability.json").read_text())
-    assert stability["failures"] == [] and stability["mp4_written"] is True
+    assert stability["mp4_written"] is True
+    assert stability["standard"]["failures"] == stability["high_quality"]["failures"] == [], stability
+    assert stability["standard"]["runs"] == 3 and stability["high_quality"]["runs"] == 1
     switch = json.loads((out / "sizeswitch.json").read_text())
     assert [r["size"] for r in switch["runs"]] == ["64x4", "32x4", "64x4"]
     assert switch["ok"] is True and switch["rel_diff_first_vs_last"] == 0.0
@@ -61,6 +63,35 @@ def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
     table = proc.stdout[proc.stdout.rindex("GPU: cpu"):]
     for row in ("compile512", "ref512", "lowvram", "load:", "stability:"):
         assert row in table, table
+
+
+def test_verify_needs_a_gpu_and_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARK), "--tiny", "--out", str(tmp_path), "--parts", "verify512"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1
+    assert "verify compares the GPU speedups with eager: it needs a CUDA GPU (not --tiny)" in proc.stderr
+    assert not list(tmp_path.glob("verify*.json"))
+
+
+def test_verify_redraws_weights_of_the_same_spread_and_covers_every_speedup_path():
+    import torch
+
+    sys.path.insert(0, str(BENCHMARK.parent))
+    import benchmark
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    before = [p.detach().clone() for p in layer.parameters()]
+    benchmark.redraw_weights(layer, seed=1)
+    for old, new in zip(before, layer.parameters()):
+        assert not torch.equal(old, new)
+        assert torch.equal(old.flatten().sort().values, new.detach().flatten().sort().values)
+    paths = benchmark.verify_paths("layers+conv2d+graphs+ttri+share+store+det")
+    assert paths["app default, compiled in this process"] == "layers+conv2d+graphs+ttri+share+det"
+    assert {"eager+graphs", "layers+det", "layers+ttri+det"} <= set(paths.values())
+    for variant in paths.values():
+        benchmark.variant_kwargs(variant)  # every path is a variant the benchmark knows
 
 
 def test_live_temporal_convs_gives_the_zero_initialised_last_convs_random_weights():

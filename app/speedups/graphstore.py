@@ -8,12 +8,18 @@ call's key (app.speedups.regions), together with where each of the graph's input
 parameter or argument, as Dynamo names it) and how its outputs make the region's return value. A later
 start (or the app after its compile helpers) loads the file and calls the graph directly.
 
-What stands in for Dynamo's guards: the call key (the region's class, its parameters' shapes and dtypes,
-its plain attributes, and its arguments' shapes, strides, dtypes and values), a store folder per torch,
-Triton, diffusers, GPU and rewrite settings (and the rewrites' own source), grad mode off, and a check
-when a graph is saved that each recorded input source gives back the very tensor the graph was called
-with. Anything that does not fit (a graph whose inputs or outputs cannot be described, a failed load or
-call) goes the ordinary torch.compile way, with a warning where something failed.
+What stands in for Dynamo's guards, checked on every call:
+- the call key: the region's class and everything in it that Dynamo would guard on (regions.module_signature:
+  every module's parameters, buffers and attributes, private ones, tuples, enums and objects included), the
+  process-wide state Dynamo guards (regions.global_state: grad and autocast modes, default dtype, deterministic
+  algorithms, TF32 and matmul precision), and its arguments' shapes, strides, dtypes and values;
+- the store folder: torch, Triton, diffusers, the GPU, the rewrite settings and the rewrites' own source, and
+  Inductor's config (the hash Inductor's own cache keys use);
+- at save time, each recorded input source must give back the very tensor the graph was called with; at run
+  time, Inductor's compiled code asserts its inputs' sizes and strides.
+Fail-safe: a region with something the key cannot describe (a forward hook inside it, a lambda, an unknown
+object) never uses the store, and says so once. Anything else that does not fit (a graph whose inputs or outputs
+cannot be described, a failed load or call) goes the ordinary torch.compile way, with a note.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from app.engine.device import is_out_of_memory
-from app.speedups.regions import call_signature, describe_args, module_signature, signature_key
+from app.speedups.regions import NotDescribable, call_signature, describe_args, global_state, module_signature, signature_key
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +60,19 @@ def store_folder(root: Path, device: torch.device, facts: dict[str, Any]) -> Pat
     # The rewrites change what a region computes without changing its call key: their source is part of the name.
     versions["code"] = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("rewrites.py", "triton_attention.py",
                                                                                 "graphstore.py"))).hexdigest()
+    # Inductor's config shapes the generated code (freezing, for one, would bake weights into a graph).
+    versions["inductor_config"] = inductor_config_hash()
     text = json.dumps({**versions, **facts}, sort_keys=True, default=str)
     return root / hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def inductor_config_hash() -> str:
+    """Inductor's settings as its portable config: without the keys that only affect how it compiles
+    (threads, cache folders, tracing), which Inductor's own cache keys leave out as well."""
+    from torch._inductor import config
+
+    text = json.dumps(config.save_config_portable(), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -131,7 +148,8 @@ class GraphStore:
         self._compile = compile_graph or _standalone_compile
         self._load = load_graph or _load_artifact
         self._capture = _Capture()
-        self.stats = {"loaded": 0, "saved": 0, "not_storable": 0, "failed": 0}
+        self.stats = {"loaded": 0, "saved": 0, "not_storable": 0, "not_described": 0, "failed": 0}
+        self._told: set[str] = set()
         self.notes: list[str] = [] if notes is None else notes
         self._graphs: dict[str, StoredGraph | None] = {}  # call key -> graph (loaded or kept), None: none on disk
         self.tried: set[str] = set()  # call signatures that went torch.compile's way in this process
@@ -202,21 +220,24 @@ class GraphStore:
         its inputs and outputs can be described and check out; else None."""
         artifact, inputs = slot.get("artifact"), slot.get("inputs") or []
         called_with = slot.get("called_with")
-        if artifact is None or called_with is None or any(not isinstance(s, str) for s in inputs):
-            self.stats["not_storable"] += 1
+        if artifact is None or called_with is None:
+            self.not_storable("the region made more or fewer than one graph")
+            return None
+        if any(not isinstance(s, str) for s in inputs):
+            self.not_storable("a graph input has no source name")
             return None
         try:
             stored = StoredGraph(artifact, inputs, None)
             values = [get(local) for get in stored._getters]
-        except Exception:
-            self.stats["not_storable"] += 1
+        except Exception as exc:
+            self.not_storable(f"a graph input's source name is not understood: {str(exc)[:120]}")
             return None
         if len(values) != len(called_with) or any(v is not c for v, c in zip(values, called_with)):
-            self.stats["not_storable"] += 1  # a source that does not give back what the graph was called with
+            self.not_storable("a source name does not give back the tensor the graph was called with")
             return None
         output = _describe(value, slot["returned"], called_with)
         if output is None:
-            self.stats["not_storable"] += 1
+            self.not_storable("the region's return value is not made of the graph's outputs")
             return None
         stored.output = output
         graph_file, meta_file = self._paths(key)
@@ -235,9 +256,23 @@ class GraphStore:
 
     def _note(self, note: str) -> None:
         self.stats["failed"] += 1
+        self._tell(note)
+
+    def _tell(self, note: str, once: str | None = None) -> None:
+        if once is not None:
+            if once in self._told:
+                return
+            self._told.add(once)
         if len(self.notes) < 20:
             self.notes.append(note)
         log.warning(note)
+
+    def not_storable(self, reason: str) -> None:
+        """Count a compiled graph the store cannot keep, and say why once per reason: a torch that names its
+        graph inputs differently would otherwise leave every start compiling without anyone being told."""
+        self.stats["not_storable"] += 1
+        self._tell(f"graph store: a compiled graph was not stored ({reason}); later starts compile it again",
+                   once=reason)
 
     # --- the region wrapper --------------------------------------------------------------------------------
     def wrap(self, module: torch.nn.Module, forward: Callable[..., Any], compiled: Callable[..., Any]) -> "StoredRegion":
@@ -248,16 +283,16 @@ class StoredRegion:
     """A compile region's forward: runs the stored graph for this call when there is one, else the
     torch.compile'd forward, whose graph it then stores for the next start.
 
-    The region's own part of the call key (its parameters and plain attributes) is taken once, when it is
-    wrapped: apply_accel wraps a loaded, placed model, whose shapes and settings do not change after."""
+    The call key is made on every call, from the region as it is then and the process-wide state, as Dynamo
+    checks its guards on every call. (With CUDA graphs, the default, the regions run in Python only while the
+    graphs are captured.)"""
 
     def __init__(self, store: GraphStore, module: torch.nn.Module, forward: Callable[..., Any],
                  compiled: Callable[..., Any]):
-        self.store, self.compiled = store, compiled
+        self.store, self.module, self.compiled = store, module, compiled
         func = getattr(forward, "__func__", forward)
         self._self = getattr(forward, "__self__", None)
         self._signature = inspect.signature(func)
-        self._module_part = module_signature(module)
         self._graphs: dict[str, StoredGraph | None] = {}  # call signature -> its graph, None: torch.compile's way
 
     def _locals(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -266,10 +301,25 @@ class StoredRegion:
         bound.apply_defaults()
         return dict(bound.arguments)
 
+    def call_signature(self, args: tuple, kwargs: dict) -> str | None:
+        """This call's signature (see the module docstring), or None where the region cannot be described."""
+        try:
+            module_part = module_signature(self.module)
+        except NotDescribable as exc:
+            self.store.stats["not_described"] += 1
+            self.store._tell(f"graph store: not used for {type(self.module).__name__} ({exc}); it is compiled "
+                             "the ordinary way", once=f"{type(self.module).__name__}: {exc}")
+            return None
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        state = repr(global_state(tensor.device if tensor is not None else torch.device("cpu")))
+        return call_signature(f"{module_part}, {state}", *describe_args(args, kwargs))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() or torch.is_autocast_enabled():
+        if torch.is_grad_enabled() or torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
             return self.compiled(*args, **kwargs)  # the stored graphs are inference graphs without autocast
-        signature = call_signature(self._module_part, *describe_args(args, kwargs))
+        signature = self.call_signature(args, kwargs)
+        if signature is None:
+            return self.compiled(*args, **kwargs)
         if signature not in self._graphs:
             self._graphs[signature] = self.store.get(signature_key(signature))
         stored = self._graphs[signature]
