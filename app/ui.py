@@ -57,7 +57,7 @@ CSS = """
 
 
 class CancelRegistry:
-    """Cancel events of the running jobs, keyed by Gradio session: /cancel stops only its caller's jobs."""
+    """Cancel events of the running jobs, keyed by their owner (job_owner): /cancel stops only its caller's jobs."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -102,23 +102,31 @@ def job_owner(request: Any) -> str:
 
 
 def api_docstring(settings: Settings) -> str:
-    """The public generate's description (the API page and the MCP tool read it), with this config's limits."""
+    """The public generate's description (the API page and the MCP tool read it), with this config's limits.
+    Gradio reads one line per parameter."""
     lim, dflt, demo = settings.limits, settings.defaults, settings.demo
+
+    def span(name: str) -> str:
+        lo, hi = lim.bounds(name)
+        return f"{lo} to {hi}"
+
+    def numbers(p: Any) -> str:
+        return f"{p.resolution} px, {p.num_frames} frames, {p.fps} FPS, {p.steps} steps, guidance {p.guidance_scale}"
+
     return f"""Make a short MP4 video from one image and a prompt with I2VGen-XL.
 
-    A number left out takes the server's default: {dflt.resolution} px, {dflt.num_frames} frames, {dflt.fps} FPS,
-    {dflt.steps} steps, guidance {dflt.guidance_scale}; with the demo model (output is noise) {demo.resolution} px,
-    {demo.num_frames} frames, {demo.fps} FPS, {demo.steps} steps, guidance {demo.guidance_scale}.
+    A number left out takes the server's default: {numbers(dflt)}; with the demo model (its output is noise)
+    {numbers(demo)}.
 
     Args:
         image: the input image (PNG, JPEG, WebP...); the model uses its centre square crop.
         prompt: what should happen in the video, e.g. "waves roll onto the beach" (English works best).
         negative_prompt: what the video should not show; left out: the server's default, "" for none.
-        resolution: output side in pixels, a multiple of {lim.resolution_multiple}, {lim.min_resolution} to {lim.max_resolution}.
-        num_frames: number of frames in the video, {lim.min_frames} to {lim.max_frames}.
-        fps: frame rate, {lim.min_fps} to {lim.max_fps}; also conditions the motion.
-        steps: denoising (inference) steps, {lim.min_steps} to {lim.max_steps}.
-        guidance_scale: how closely the video follows the prompt, {lim.min_guidance_scale} to {lim.max_guidance_scale}.
+        resolution: output side in pixels, {span("resolution")}, a multiple of {lim.resolution_multiple}.
+        num_frames: number of frames in the video, {span("num_frames")}.
+        fps: frame rate, {span("fps")}; also conditions the motion.
+        steps: denoising (inference) steps, {span("steps")}.
+        guidance_scale: how closely the video follows the prompt, {span("guidance_scale")}.
         seed: random seed, 0 to {MAX_SEED}; -1 picks a new one each run; left out: {dflt.seed}.
     Returns:
         The MP4 video, a short summary (seed, time per stage, peak VRAM, file name) and all parameters.
