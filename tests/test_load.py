@@ -206,6 +206,9 @@ def test_a_full_queue_refuses_each_request_past_the_limit_with_a_clear_message(l
                 assert raw.status_code == 503
                 assert raw.json()["detail"] == f"Queue is full. Max size is {limit} and size is {limit}."
         assert httpx.get(server.url + "gradio_api/queue/status").json()["queue_size"] == limit
+        # gradio_client sends even the unqueued /cancel through the queue: refused too (docs/ui-and-api.md).
+        with pytest.raises(Exception, match=r"^Queue is full! Please try again\.$"):
+            running_client.predict(api_name="/cancel")
 
         for job in waiting:  # drop the waiting runs, as a client's job.cancel() does
             job.cancel()
