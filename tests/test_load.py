@@ -22,7 +22,7 @@ import httpx
 import pytest
 from gradio_client import handle_file
 from mp4probe import probe
-from test_ui_api import _client, _launch, _ui_root, _ui_settings
+from test_ui_api import _client, _launch, _make_unique, _ui_root, _ui_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # pandas deprecations in Gradio
 
@@ -75,6 +75,7 @@ def load_server(tmp_path_factory, shared_models_dir):
     image = root / "input.png"
     img = Image.new("RGB", (INPUT_SIDE, INPUT_SIDE), (30, 80, 160))
     ImageDraw.Draw(img).ellipse([200, 200, 800, 800], fill=(250, 200, 60))
+    _make_unique(img)
     img.save(image)
     yield SimpleNamespace(url=url, service=service, settings=settings, demo=demo, image=image, hold=hold,
                           outputs=settings.path("outputs"))

@@ -102,7 +102,15 @@ def _draw_input(path: Path) -> None:
 
     img = Image.new("RGB", (120, 90), (30, 80, 160))
     ImageDraw.Draw(img).ellipse([30, 20, 80, 70], fill=(250, 200, 60))
+    _make_unique(img)
     img.save(path)
+
+
+def _make_unique(img) -> None:
+    """Give an input image its own bytes. Gradio keeps an upload under a name made from its content, in one
+    folder for every server on the machine, and a server deletes its uploads when it closes: a server of another
+    test process that received the same picture would delete this one's copy while it is in use."""
+    img.putpixel((0, 0), tuple(os.urandom(3)))
 
 
 def _client(url: str, **headers: str) -> Client:
