@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:
         log.exception("unexpected error")
-        _say("ERROR", f"Unexpected error: {type(exc).__name__}: {exc}. The full trace is in {log_file}")
+        where = log_file or "the console output above (the log file could not be written)"
+        _say("ERROR", f"Unexpected error: {type(exc).__name__}: {exc}. The full trace is in {where}")
         return EXIT_UNEXPECTED
 
 

@@ -319,10 +319,12 @@ class GenerationService:
     def generate(self, req: GenerationRequest, *, on_progress: Callable[[Progress], None] | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
         """Validate, wait for the GPU, sample, write the MP4 and its JSON. Frees GPU memory however it ends."""
-        image, sample, warnings, seed_random = self.resolve(req)
+        image, sample, warnings, seed_random = self.resolve(req)  # bad input is refused before any waiting
         if not self._ready.is_set():
             log.info("waiting for the model to finish loading")
             self._ready.wait()
+            if self._engine is not None:  # unset values take the loaded model's defaults (the demo's, for one)
+                image, sample, warnings, seed_random = self.resolve(req)
         engine = self._engine
         if engine is None:
             raise ModelNotReadyError(self._state_message.en, self._state_message.zh)

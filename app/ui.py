@@ -24,7 +24,7 @@ from app.config import Settings
 from app.errors import AppError, CancelledError, InputError
 from app.examples import example_files
 from app.inputs import MAX_SEED
-from app.service import GenerationRequest, GenerationResult, GenerationService, Message
+from app.service import GenerationRequest, GenerationResult, GenerationService, Message, portable
 from app.ui_strings import STRINGS, duration, request_lang, text, translations
 from app.video import read_metadata
 
@@ -251,7 +251,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
     L = gr.I18n(**translations(settings))  # L(key) is a key the browser translates
     lim, dflt = settings.limits, settings.defaults
     jobs = CancelRegistry()
-    logs_dir = settings.path("logs")
+    logs_dir = portable(settings.path("logs"), settings.root)  # what a visitor may see: no absolute path
     default_values = tuple(dflt.video().model_dump().values())
 
     def preset_values(name: str) -> tuple[Any, ...]:
@@ -306,8 +306,8 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
                         guidance = Slider(lim.min_guidance_scale, lim.max_guidance_scale, value=dflt.guidance_scale,
                                           step=0.5, label=L("guidance"), info=L("guidance_info"), scale=2,
                                           elem_id="guidance")
-                        seed = Number(label=L("seed"), value=dflt.seed, precision=0, minimum=-1, maximum=MAX_SEED,
-                                      scale=2, elem_id="seed")
+                        seed = Number(label=L("seed"), info=L("seed_info"), value=dflt.seed, precision=0, minimum=-1,
+                                      maximum=MAX_SEED, scale=2, elem_id="seed")
                         with gr.Column(scale=1, min_width=120):
                             seed_random = gr.Button(L("seed_random"), size="sm", elem_id="seed-random")
                             seed_reuse = gr.Button(L("seed_reuse"), size="sm", elem_id="seed-reuse")
@@ -551,6 +551,10 @@ def run_server(service: GenerationService, settings: Settings, *, host: str, por
     if mcp and importlib.util.find_spec("mcp") is None:
         raise InputError('--mcp needs Gradio\'s MCP extra. Install it with: pip install "gradio[mcp]"',
                          '--mcp 需要 Gradio 的 MCP 扩展。请先安装:pip install "gradio[mcp]"')
+    if mcp and auth is not None:  # the CLI says so first; this guards every other caller
+        raise InputError("--mcp cannot be used with --auth: Gradio's MCP server has no login, so its tools would "
+                         "be open to anyone who can reach the app.",
+                         "--mcp 不能与 --auth 同时使用:Gradio 的 MCP 服务没有登录验证,其工具会对所有能访问本程序的人开放。")
     import gradio as gr
 
     outputs = settings.path("outputs").resolve()

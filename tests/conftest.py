@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Gradio keeps uploads by content in one temp folder, and a server that closes deletes its own: each test
+# process gets a folder of its own, so one worker's server never removes another's upload.
+os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / f"i2v-tests-gradio-{os.getpid()}"))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -118,7 +122,8 @@ def image_rgb() -> np.ndarray:
 # (one server and browser per file instead of one per worker, a single Wine prefix). Every other test goes
 # to whichever worker is free. xdist's own --dist loadgroup cannot do this on pytest 9.2 (it marks a group
 # by rewriting node ids, which pytest no longer reads back), so the scheduler below groups by file name.
-ONE_WORKER_FILES = ("test_ui_api.py", "test_ui_browser.py", "test_start_app_bat.py")
+ONE_WORKER_FILES = ("test_ui_api.py", "test_ui_browser.py", "test_start_app_bat.py", "test_torture_inputs.py",
+                    "test_security.py", "test_api_clients.py", "test_load.py")
 
 # The longest tests (Inductor compiles in child processes, diffusers' reference pipeline), longest first.
 # They are handed out first, so that none of them starts late and keeps one worker busy after the others
@@ -142,6 +147,7 @@ LONG_TESTS = (
     "test_speedups_graphstore.py::test_a_second_start_runs_every_region_from_the_store",
     "test_benchmark.py::test_benchmark_tiny_runs_every_cpu_part",
     "test_engine.py::test_same_seed_same_frames_other_seed_other_frames",
+    "test_faults.py::test_sigkill_while_denoising_leaves_no_file_and_the_next_start_is_clean",
 )
 
 

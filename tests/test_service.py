@@ -164,6 +164,31 @@ def test_preset_and_demo_defaults(make_service, settings, image_rgb):
     assert (sample.width, sample.num_frames) == (768, 20)
 
 
+def test_a_request_made_while_the_model_loads_takes_the_loaded_models_defaults(settings, tiny_engine, image_rgb):
+    release = threading.Event()
+
+    def slow_loader():
+        release.wait(30)
+        return tiny_engine  # the demo model
+
+    svc = GenerationService(settings, slow_loader)
+    svc.start_loading()
+    results: list = []
+    worker = threading.Thread(target=lambda: results.append(svc.generate(GenerationRequest(image=image_rgb,
+                                                                                           prompt="a cat"))))
+    worker.start()
+    time.sleep(0.3)
+    assert worker.is_alive() and svc.state is ModelState.LOADING  # validated, now waiting for the model
+    release.set()
+    worker.join(60)
+    demo = settings.demo
+    assert demo != settings.defaults.video()
+    info = probe(results[0].video_path)
+    assert (info["codec"], info["pix_fmt"]) == ("h264", "yuv420p")
+    assert (info["width"], info["nb_frames"], info["fps"]) == (demo.resolution, demo.num_frames, demo.fps)
+    assert results[0].metadata["steps"] == demo.steps
+
+
 def test_missing_model_keeps_the_service_up_and_says_why(settings, image_rgb):
     from app.engine.loader import load_engine
 

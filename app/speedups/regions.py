@@ -145,6 +145,8 @@ def _describe_value(value: Any, depth: int, where: str) -> Any:
     if isinstance(value, types.MethodType):
         return ("method", _qualname(value.__func__), _describe_value(value.__self__, depth + 1, where)
                 if not isinstance(value.__self__, torch.nn.Module) else _qualname(type(value.__self__)))
+    if isinstance(value, (torch._ops.OpOverloadPacket, torch._ops.OperatorBase)):
+        return ("op", str(value))  # a registered operator (the Triton attention kernel): its qualified name
     if isinstance(value, functools.partial):
         return ("partial", _describe_value(value.func, depth + 1, where),
                 _describe_value(value.args, depth + 1, where), _describe_value(value.keywords, depth + 1, where))
