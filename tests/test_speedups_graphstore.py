@@ -221,12 +221,17 @@ REAL_CHILD = textwrap.dedent("""
     from app.speedups.graphstore import GraphStore
 
     folder, mode, seed = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    if mode == "corrupt":  # every stored graph and every file of Inductor's cache cut to half its length
+        import os
+        for root in (folder, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])):
+            for f in [f for f in root.rglob("*") if f.is_file()]:
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     torch.manual_seed(seed)  # other weights and inputs in each process: the stored graph holds neither
     block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4).eval().requires_grad_(False)
     x, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 16)
     store = GraphStore(folder)
     forward = block.forward
-    if mode == "save":
+    if mode in ("save", "corrupt"):
         compiled = torch.compile(forward, backend=store.backend, fullgraph=True, dynamic=False)
     else:
         def compiled(*a, **k):
@@ -244,19 +249,25 @@ REAL_CHILD = textwrap.dedent("""
 @needs_cpp_inductor
 def test_real_inductor_graphs_saved_in_one_process_run_in_the_next_without_dynamo(tmp_path):
     """Inductor (C++ on the CPU) through standalone_compile; the second process never traces, and its other
-    weights and inputs give its own eager output, not the first process's."""
+    weights and inputs give its own eager output, not the first process's. A third process finds the store and
+    Inductor's cache damaged, compiles again and still computes eager's output."""
     script = tmp_path / "child.py"
     script.write_text(REAL_CHILD, encoding="utf-8")
     env = {"PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
            "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     results = []
-    for mode, seed in (("save", "0"), ("load", "1")):
+    for mode, seed in (("save", "0"), ("load", "1"), ("corrupt", "2")):
         run = subprocess.run([sys.executable, str(script), str(tmp_path / "graphs"), mode, seed], capture_output=True,
                              text=True, env=env, cwd=REPO, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
-    saved, loaded = results
+    saved, loaded, corrupt = results
     assert saved["stats"]["saved"] == 1 and saved["frames"] == 1, saved
     assert loaded["stats"]["loaded"] == 1 and loaded["frames"] == 0 and loaded["stats"]["failed"] == 0, loaded
     assert saved["weights"] != loaded["weights"]
     assert saved["max_diff"] < 1e-5 * saved["scale"] and loaded["max_diff"] < 1e-5 * loaded["scale"], (saved, loaded)
+    # A damaged store and compile cache: the graph does not load (said in a note), is compiled again, and the
+    # result is still eager's.
+    assert corrupt["stats"]["loaded"] == 0 and corrupt["stats"]["failed"] == 1 and corrupt["frames"] == 1, corrupt
+    assert "did not load" in corrupt["notes"][0], corrupt["notes"]
+    assert corrupt["max_diff"] < 1e-5 * corrupt["scale"], corrupt
