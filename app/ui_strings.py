@@ -39,9 +39,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     "guidance": ("Guidance scale", "引导系数 (Guidance Scale)"),
     "guidance_info": ("How closely the video follows the prompt.", "视频遵循提示词的程度。"),
     "seed": ("Seed (-1 = random seed)", "种子 (-1 为随机种子)"),
-    "seed_info": ("The same seed and settings remake the same video while the app runs; after a restart the GPU "
-                  "speedups may make it differ slightly.",
-                  "应用运行期间,相同的种子和设置会生成相同的视频;重启后,GPU 加速可能使结果略有不同。"),
+    "seed_info": ("Same seed and settings, same video while the app runs; a restart may change it slightly.",
+                  "应用运行期间,相同种子和设置生成相同视频;重启后可能略有不同。"),
     "seed_random": ("Random", "随机种子"),
     "seed_reuse": ("Reuse last seed", "复用上次种子"),
     "generate": ("Generate video", "生成视频"),
