@@ -81,6 +81,8 @@ class Limits(_Section):
     max_upload_mb: int = Field(50, ge=1)
     max_image_side: int = Field(2048, ge=64, description="larger images are downscaled first")
     max_image_pixels: int = Field(150_000_000, ge=1, description="more pixels are refused (decompression bomb)")
+    max_segments: int = Field(8, ge=1, description="most segments an extended video may have")
+    max_crossfade_frames: int = Field(4, ge=0, description="longest cross-fade between two segments")
 
     def bounds(self, name: str) -> tuple[Any, Any]:
         """(min, max) of a VideoParams field."""
@@ -104,6 +106,12 @@ class PathSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     retention_days: int = Field(14, ge=1)
+
+
+class ExportSettings(_Section):
+    gif_max_side: int = Field(480, ge=64, description="a GIF's longer side is scaled down to this")
+    gif_max_mb: float = Field(8.0, gt=0, description="a GIF larger than this is made again at a lower frame rate")
+    webm_crf: int = Field(32, ge=0, le=63, description="VP9 quality: lower is better and larger")
 
 
 class SpeedupSettings(_Section):
@@ -141,6 +149,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "paths": PathSettings,
     "logging": LoggingSettings,
     "speedups": SpeedupSettings,
+    "exports": ExportSettings,
 }
 DEMO_DEFAULTS = VideoParams(resolution=128, num_frames=8, steps=10)
 
@@ -158,6 +167,7 @@ class Settings(BaseModel):
     paths: PathSettings = PathSettings()
     logging: LoggingSettings = LoggingSettings()
     speedups: SpeedupSettings = SpeedupSettings()
+    exports: ExportSettings = ExportSettings()
     root: Path = PROJECT_ROOT
 
     def path(self, name: str) -> Path:
