@@ -159,8 +159,10 @@ def _make_smooth(factor: int) -> Callable[..., dict[str, Any]]:
         # copies of its last frame and the output cut at n * factor frames, so the last frame is held as long as
         # in the source and the export lasts exactly as long.
         frames = _count_frames(video, cancel) * factor
-        _run_ffmpeg(["-i", str(video), "-vf", "tpad=stop_mode=clone:stop=2," + _MINTERPOLATE.format(fps=_fps_text(fps)),
-                     "-frames:v", str(frames), *_h264_args(tmp)], cancel, tmp.parent)
+        if frames == 0:
+            raise ExportError(f"{video.name} holds no frames to export.", f"{video.name} 中没有可导出的帧。")
+        graph = "tpad=stop_mode=clone:stop=2," + _MINTERPOLATE.format(fps=_fps_text(fps))
+        _run_ffmpeg(["-i", str(video), "-vf", graph, "-frames:v", str(frames), *_h264_args(tmp)], cancel, tmp.parent)
         return {"method": "ffmpeg minterpolate (mci, aobmc, vsbmc)", "factor": factor,
                 **_mp4_details(tmp, fps, source, cancel)}
     return make
@@ -322,7 +324,7 @@ def _run_ffmpeg(args: list[str], cancel: threading.Event | None, out_dir: Path, 
 
 
 _STREAM_RE = re.compile(r"Stream #\d+:\d+.*?: Video: (?P<rest>.*)")
-_SIZE_RE = re.compile(r", (\d{2,5})x(\d{2,5})")
+_SIZE_RE = re.compile(r", (\d+)x(\d+)")
 _RATE_RE = re.compile(r", ([\d.]+(?:/[\d.]+)?)(k?) (fps|tbr)")
 
 
