@@ -12,11 +12,12 @@ import logging
 import platform
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 from PIL import Image
 
 import app
@@ -33,11 +34,12 @@ from app.errors import (
     ModelNotReadyError,
     OutOfMemoryError,
 )
-from app.inputs import check_prompt, check_seed, check_video, load_image
+from app.inputs import MAX_SEED, check_prompt, check_seed, check_video, load_image
 from app.video import (
     VideoEntry,
     VideoFile,
     list_videos,
+    read_metadata,
     remove_stale_partials,
     save_input_image,
     update_metadata,
@@ -76,6 +78,43 @@ class GenerationRequest:
     seed: Any = None
     preset: str | None = None
     video: Mapping[str, Any] = field(default_factory=dict)
+    # A longer video: `segments` runs, each continuing from the last frame of the one before.
+    segments: Any = 1
+    segment_prompts: Any = None  # one prompt per segment; None: `prompt` for every segment
+    crossfade: Any = 0  # frames blended where two segments meet
+    exports: Any = None  # kinds of app.exports.EXPORT_KINDS (a list or a comma-separated text)
+    extend_from: Any = None  # the name of a video in outputs/ to continue by `segments` more segments
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], image: Any) -> "GenerationRequest":
+        """The request that makes the video `meta` describes again from its input `image` (on the same
+        device and model, the same frames)."""
+        segs = meta.get("segments") or []
+        return cls(image=image, prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"),
+                   seed=meta.get("seed"),
+                   video={k: meta.get(k) for k in ("resolution", "num_frames", "fps", "steps", "guidance_scale")},
+                   segments=max(1, len(segs)), segment_prompts=[s.get("prompt") for s in segs] or None,
+                   crossfade=meta.get("crossfade") or 0)
+
+
+@dataclass(frozen=True)
+class SegmentProgress(Progress):
+    """A sampler's Progress, plus which segment of a longer video it belongs to (1-based)."""
+
+    segment: int = 1
+    segments: int = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The validated longer-video and export part of a request."""
+
+    segments: int
+    prompts: list[str]
+    crossfade: int
+    exports: list[str]
+    source: Path | None = None  # the video an extend continues
+    source_meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +126,7 @@ class GenerationResult:
     timings_s: dict[str, float]
     peak_vram_gib: float | None
     warnings: list[Message] = field(default_factory=list)
+    exports: dict[str, Path] = field(default_factory=dict)
 
 
 EngineLoader = Callable[[], LoadedEngine]
@@ -187,6 +227,79 @@ def portable(value: Any, root: Path) -> Any:
     return value
 
 
+# Longer videos ------------------------------------------------------------------------------------
+
+def segment_seed(seed: int, index: int) -> int:
+    """The seed of segment `index` (1-based) of a run whose seed is `seed`: seed + index - 1, wrapping
+    within the seed range, so one seed reproduces every segment."""
+    return (seed + index - 1) % (MAX_SEED + 1)
+
+
+def join_segment(video: np.ndarray | None, segment: np.ndarray, crossfade: int) -> np.ndarray:
+    """`video` with the next `segment` appended. The segment's first frame is dropped (it is made from the
+    video's last frame and nearly repeats it). With `crossfade` c > 0, the video's last c frames become a
+    blend with the segment's next c frames, frame j (0-based) weighing the segment by (j + 1) / (c + 1),
+    and the rest of the segment follows: the result is len(video) + len(segment) - 1 - c frames long."""
+    if video is None:
+        return segment
+    rest = segment[1:]
+    c = min(crossfade, len(rest), len(video))
+    if c <= 0:
+        return np.concatenate([video, rest])
+    weights = (np.arange(1, c + 1, dtype=np.float32) / (c + 1))[:, None, None, None]
+    blend = np.rint(video[-c:].astype(np.float32) * (1 - weights) + rest[:c].astype(np.float32) * weights)
+    return np.concatenate([video[:-c], blend.clip(0, 255).astype(np.uint8), rest[c:]])
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """Every frame of an MP4 as (T, H, W, 3) uint8 RGB."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = [np.frombuffer(chunk, np.uint8).reshape(height, width, 3) for chunk in reader]
+    if not frames:
+        raise ValueError(f"{path.name} has no frames")
+    return np.stack(frames)
+
+
+def _whole_number(name: str, name_zh: str, value: Any, lo: int, hi: int, why: str = "", why_zh: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise InputError(f"{name} must be a whole number, got {value!r}.", f"{name_zh}必须是整数,收到的是 {value!r}。")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise InputError(f"{name} is {value}, outside the allowed range {lo}–{hi}{why}.",
+                         f"{name_zh}为 {value},超出允许范围 {lo}–{hi}{why_zh}。")
+    return value
+
+
+def parse_exports(value: Any) -> list[str]:
+    """The export kinds asked for (a list, or a comma-separated text), checked against app.exports."""
+    if value is None or value == "" or value == []:
+        return []
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise InputError(f"exports must be a list of kinds or a comma-separated text, got {value!r}.",
+                         f"导出格式必须是列表或以逗号分隔的文本,收到的是 {value!r}。")
+    from app.exports import EXPORT_KINDS
+
+    kinds: list[str] = []
+    for item in items:
+        kind = str(item).strip().lower()
+        if not kind:
+            continue
+        if kind not in EXPORT_KINDS:
+            raise InputError(f"Unknown export {kind!r}; use {', '.join(EXPORT_KINDS)}.",
+                             f"未知的导出格式 {kind!r};可选:{', '.join(EXPORT_KINDS)}。")
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds
+
+
 class GenerationService:
     """Owns the engine and the GPU. Thread-safe: concurrent callers queue on one lock."""
 
@@ -283,32 +396,110 @@ class GenerationService:
     # Validation ----------------------------------------------------------------------------------
     def resolve(self, req: GenerationRequest) -> tuple[Image.Image, SampleRequest, list[Message], bool]:
         """Validate everything on the CPU. Returns the image, the engine request, warnings, random-seed flag."""
+        image, sample, warnings, seed_random, _ = self._resolve(req)
+        return image, sample, warnings, seed_random
+
+    def _extend_source(self, name: Any) -> tuple[Path | None, dict]:
+        """The video an extend continues: only a file name of a video in the outputs folder."""
+        if name is None or name == "":
+            return None, {}
+        if not isinstance(name, str) or Path(name).name != name or "/" in name or "\\" in name \
+                or name in (".", "..") or not name.endswith(".mp4") or name.startswith("."):
+            raise InputError(f"extend_from must be the file name of a video in the outputs folder "
+                             f"(e.g. video_20250101_120000_000.mp4), not {name!r}.",
+                             f"extend_from 必须是输出目录中某个视频的文件名(例如 video_20250101_120000_000.mp4),"
+                             f"而不是 {name!r}。")
+        path = self.settings.path("outputs") / name
+        if not path.is_file():
+            raise InputError(f"{name} is not in the outputs folder; pick a video from the history.",
+                             f"输出目录中没有 {name};请从历史记录中选择一个视频。")
+        return path, read_metadata(path)
+
+    def _resolve(self, req: GenerationRequest) -> tuple[Image.Image, SampleRequest, list[Message], bool, Plan]:
         s = self.settings
+        source, source_meta = self._extend_source(req.extend_from)
         preset = None
         if req.preset:
             if req.preset not in s.presets:
                 raise InputError(f"Unknown preset {req.preset!r}; use one of {', '.join(s.presets)}.",
                                  f"未知预设 {req.preset!r};可选:{', '.join(s.presets)}。")
             preset = s.presets[req.preset]
-        base = preset or self.default_params()
-        prompt = check_prompt(req.prompt, s.limits)
-        negative = check_prompt(s.defaults.negative_prompt if req.negative_prompt is None else req.negative_prompt,
+        base = (preset or self.default_params()).model_dump()
+        prompt_in, negative_in = req.prompt, req.negative_prompt
+        if source is not None:  # an extend keeps the video's own settings unless the request says otherwise
+            base.update({k: source_meta[k] for k in base if source_meta.get(k) is not None})
+            if prompt_in is None or (isinstance(prompt_in, str) and not prompt_in.strip()):
+                prompt_in = source_meta.get("prompt")
+            if negative_in is None:
+                negative_in = source_meta.get("negative_prompt")
+        prompt = check_prompt(prompt_in, s.limits)
+        negative = check_prompt(s.defaults.negative_prompt if negative_in is None else negative_in,
                                 s.limits, name="negative_prompt", allow_empty=True)
         chosen = {k: v for k, v in req.video.items() if v is not None}
-        video = check_video({**base.model_dump(), **chosen}, s.limits)
-        seed, seed_random = check_seed(s.defaults.seed if req.seed is None else req.seed)
-        image = load_image(req.image, s.limits)
+        if source is not None:
+            chosen.pop("resolution", None)  # the new frames must match the video's size
+        video = check_video({**base, **chosen}, s.limits)
+        done = len(source_meta.get("segments") or [None]) if source is not None else 0
+        if source is not None and req.seed is None and isinstance(source_meta.get("seed"), int):
+            seed, seed_random = int(source_meta["seed"]) % (MAX_SEED + 1), False
+        else:
+            seed, seed_random = check_seed(s.defaults.seed if req.seed is None else req.seed)
+        plan = self._plan(req, prompt, video, done, source, source_meta)
+        if source is not None:
+            try:
+                image = Image.fromarray(read_frames(source)[-1])
+            except Exception as exc:
+                raise InputError(f"{source.name} could not be read as a video ({exc}).",
+                                 f"无法读取视频 {source.name}({exc})。") from None
+            if image.size != (video.resolution, video.resolution):
+                raise InputError(f"{source.name} is {image.size[0]}×{image.size[1]}: only the app's square videos "
+                                 "can be extended.", f"{source.name} 的尺寸为 {image.size[0]}×{image.size[1]}:"
+                                 "只能延长本程序生成的正方形视频。")
+        else:
+            image = load_image(req.image, s.limits)
         warnings: list[Message] = []
         engine = self._engine
         if engine is not None:
-            tokens = engine.sampler.count_tokens(prompt)
+            tokens = max(engine.sampler.count_tokens(p) for p in plan.prompts)
             if tokens > CLIP_MAX_TOKENS:
                 warnings.append(Message(
                     f"The prompt has {tokens} tokens; CLIP reads only the first {CLIP_MAX_TOKENS}, the rest was ignored.",
                     f"提示词共 {tokens} 个 token,CLIP 只读取前 {CLIP_MAX_TOKENS} 个,其余部分被忽略。"))
         sample = SampleRequest(image=image, prompt=prompt, negative_prompt=negative, video=video, seed=seed,
                                decode_chunk_size=s.defaults.decode_chunk_size)
-        return image, sample, warnings, seed_random
+        return image, sample, warnings, seed_random, plan
+
+    def _plan(self, req: GenerationRequest, prompt: str, video: Any, done: int, source: Path | None,
+              source_meta: dict) -> Plan:
+        """Segments, their prompts, the cross-fade and the exports, each within its limit."""
+        lim = self.settings.limits
+        most = lim.max_segments - done
+        if source is not None and most < 1:
+            raise InputError(f"{source.name} already has {done} segments, the most a video may have "
+                             f"(limits.max_segments = {lim.max_segments}).",
+                             f"{source.name} 已有 {done} 段,已达上限(limits.max_segments = {lim.max_segments})。")
+        why = f" (limits.max_segments = {lim.max_segments}" + (f", {done} already made)" if done else ")")
+        why_zh = f"(limits.max_segments = {lim.max_segments}" + (f",已有 {done} 段)" if done else ")")
+        segments = _whole_number("segments", "段数", 1 if req.segments is None else req.segments, 1, most, why, why_zh)
+        joins = segments - 1 + (1 if done else 0)
+        top = min(lim.max_crossfade_frames, video.num_frames - 1) if joins else lim.max_crossfade_frames
+        crossfade = _whole_number("crossfade", "交叉淡化帧数", 0 if req.crossfade is None else req.crossfade, 0, top,
+                                  f" (limits.max_crossfade_frames = {lim.max_crossfade_frames}, and fewer than "
+                                  f"the {video.num_frames} frames of a segment)",
+                                  f"(limits.max_crossfade_frames = {lim.max_crossfade_frames},且须少于每段的 "
+                                  f"{video.num_frames} 帧)")
+        prompts = [prompt] * segments
+        if req.segment_prompts is not None:
+            given = req.segment_prompts
+            if not isinstance(given, (list, tuple)) or len(given) != segments:
+                count = len(given) if isinstance(given, (list, tuple)) else type(given).__name__
+                raise InputError(f"segment_prompts must be a list with one prompt per segment ({segments}), "
+                                 f"got {count}.",
+                                 f"segment_prompts 必须是每段一个提示词的列表(共 {segments} 段),收到的是 {count}。")
+            prompts = [prompt if p is None or (isinstance(p, str) and not p.strip()) else check_prompt(p, lim)
+                       for p in given]
+        return Plan(segments=segments, prompts=prompts, crossfade=crossfade, exports=parse_exports(req.exports),
+                    source=source, source_meta=source_meta)
 
     def preview_crop(self, image: Any, resolution: int) -> Image.Image:
         """The centre crop the model will actually see, for the UI's preview."""
@@ -316,47 +507,85 @@ class GenerationService:
         return center_crop_resize(img, resolution, resolution)
 
     # Generation ----------------------------------------------------------------------------------
+    def _sample(self, engine: LoadedEngine, sample: SampleRequest, on_progress: Any, cancel: Any) -> Any:
+        """One segment on the GPU; memory is released however it ends."""
+        try:
+            result = engine.sampler(sample, on_progress=on_progress, cancel=cancel)
+            if cancel is not None and cancel.is_set():
+                raise CancelledError()
+            return result
+        except AppError:
+            raise
+        except Exception as exc:  # only OOM is translated; anything else keeps its trace
+            if gpu.is_out_of_memory(exc):
+                log.warning("CUDA out of memory at %sp x %d frames", sample.width, sample.num_frames)
+                raise OutOfMemoryError(
+                    f"Out of GPU memory at {sample.width}p × {sample.num_frames} frames. Lower the resolution "
+                    "or the number of frames, close other programs that use the GPU, or start with the "
+                    "low-VRAM mode (set model.low_vram: on in configs/config.yaml, or I2V_MODEL__LOW_VRAM=on).",
+                    f"显存不足({sample.width}p × {sample.num_frames} 帧)。请降低分辨率或帧数,关闭其他占用 GPU 的程序,"
+                    "或启用低显存模式(在 configs/config.yaml 中设置 model.low_vram: on,或设置环境变量 I2V_MODEL__LOW_VRAM=on)。"
+                ) from None
+            raise
+        finally:
+            gpu.release_memory()
+
     def generate(self, req: GenerationRequest, *, on_progress: Callable[[Progress], None] | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
-        """Validate, wait for the GPU, sample, write the MP4 and its JSON. Frees GPU memory however it ends."""
-        image, sample, warnings, seed_random = self.resolve(req)  # bad input is refused before any waiting
+        """Validate, wait for the GPU, sample each segment, write the MP4 and its JSON, then the exports.
+        Frees GPU memory after every segment, however it ends."""
+        image, sample, warnings, seed_random, plan = self._resolve(req)  # bad input is refused before any waiting
         if not self._ready.is_set():
             log.info("waiting for the model to finish loading")
             self._ready.wait()
             if self._engine is not None:  # unset values take the loaded model's defaults (the demo's, for one)
-                image, sample, warnings, seed_random = self.resolve(req)
+                image, sample, warnings, seed_random, plan = self._resolve(req)
         engine = self._engine
         if engine is None:
             raise ModelNotReadyError(self._state_message.en, self._state_message.zh)
         if cancel is not None and cancel.is_set():
             raise CancelledError()
+        source, source_meta = plan.source, plan.source_meta
+        entries: list[dict[str, Any]] = []
+        frames: np.ndarray | None = None
+        if source is not None:
+            frames = read_frames(source)
+            entries = [dict(e) for e in source_meta.get("segments") or []] or [
+                {"index": 1, "seed": source_meta.get("seed"), "prompt": source_meta.get("prompt"), "input": "image"}]
+        done = len(entries)
+        total_segments = done + plan.segments
         with self._gpu_lock:
             started = time.perf_counter()
-            try:
-                gpu.reset_peak(engine.device)
-                result = engine.sampler(sample, on_progress=on_progress, cancel=cancel)
-                peak = gpu.peak_gib(engine.device)
+            gpu.reset_peak(engine.device)
+            timings: dict[str, float] = {}
+            truncated = False
+            current = image
+            for j in range(plan.segments):
+                index = done + j + 1
                 if cancel is not None and cancel.is_set():
                     raise CancelledError()
-            except AppError:
-                raise
-            except Exception as exc:  # only OOM is translated; anything else keeps its trace
-                if gpu.is_out_of_memory(exc):
-                    log.warning("CUDA out of memory at %sp x %d frames", sample.width, sample.num_frames)
-                    raise OutOfMemoryError(
-                        f"Out of GPU memory at {sample.width}p × {sample.num_frames} frames. Lower the resolution "
-                        "or the number of frames, close other programs that use the GPU, or start with the "
-                        "low-VRAM mode (set model.low_vram: on in configs/config.yaml, or I2V_MODEL__LOW_VRAM=on).",
-                        f"显存不足({sample.width}p × {sample.num_frames} 帧)。请降低分辨率或帧数,关闭其他占用 GPU 的程序,"
-                        "或启用低显存模式(在 configs/config.yaml 中设置 model.low_vram: on,或设置环境变量 I2V_MODEL__LOW_VRAM=on)。"
-                    ) from None
-                raise
-            finally:
-                gpu.release_memory()
+                seg = replace(sample, image=current, prompt=plan.prompts[j], seed=segment_seed(sample.seed, index))
+
+                def report(p: Progress, index: int = index) -> None:
+                    if on_progress is not None:
+                        on_progress(SegmentProgress(p.stage, p.step, p.total, p.elapsed_s, p.eta_s,
+                                                    segment=index, segments=total_segments))
+
+                result = self._sample(engine, seg, report, cancel)
+                part = result.frames_thwc_uint8
+                current = Image.fromarray(part[-1])  # the next segment's input image
+                frames = join_segment(frames, part, plan.crossfade)
+                for key, value in result.timings_s.items():
+                    timings[key] = timings.get(key, 0.0) + value
+                truncated = truncated or result.prompt_truncated
+                del result, part
+                entries.append({"index": index, "seed": seg.seed, "prompt": seg.prompt,
+                                "input": "image" if index == 1 else "previous segment's last frame"})
+            peak = gpu.peak_gib(engine.device)
+            assert frames is not None
             write_start = time.perf_counter()
-            timings = dict(result.timings_s)
             metadata = {
-                "prompt": sample.prompt,
+                "prompt": entries[0]["prompt"] if source is not None else sample.prompt,
                 "negative_prompt": sample.negative_prompt,
                 "resolution": sample.width,
                 "width": sample.width,
@@ -365,38 +594,57 @@ class GenerationService:
                 "fps": sample.fps,
                 "steps": sample.steps,
                 "guidance_scale": sample.guidance_scale,
-                "seed": sample.seed,
+                "seed": entries[0]["seed"] if source is not None else sample.seed,
                 "seed_was_random": seed_random,
                 "preset": req.preset,
+                "segments": entries,
+                "crossfade": plan.crossfade,
+                "total_frames": int(len(frames)),
+                "extended_from": source.name if source is not None else None,
                 "model": {"id": engine.model_id, "revision": engine.revision, "demo": engine.demo},
                 "device": str(engine.device),
                 "dtype": engine.dtype_name,
                 "low_vram": engine.offload,
                 "speedups": engine.speedups,
                 "input_image_size": list(image.size),
-                "prompt_truncated": result.prompt_truncated,
+                "prompt_truncated": truncated,
                 "warnings": [w.en for w in warnings],
                 "peak_vram_gib": None if peak is None else round(peak, 3),
                 "versions": _library_versions(),
                 "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
             }
             # No absolute path (it names the user's home) in a file that is shared with the video.
-            metadata = {key: value if key in USER_TEXT else portable(value, self.settings.root)
+            metadata = {key: value if key in USER_TEXT or key == "segments" else portable(value, self.settings.root)
                         for key, value in metadata.items()}
             outputs = self.settings.path("outputs")
             try:
-                video = self._writer(result.frames_thwc_uint8, sample.fps, outputs, {**metadata, "timings_s": timings})
+                video = self._writer(frames, sample.fps, outputs, {**metadata, "timings_s": timings})
             except OSError as exc:  # the writer has removed its temp files: nothing is left in outputs/
                 log.warning("could not write the video into %s: %s", outputs, exc)
                 raise outputs_error(exc, outputs) from None
-            input_name = save_input_image(image, video.path)
+            del frames
+            kept_input = image
+            if source is not None:  # the extended video's input is the first segment's image
+                first_input = source.with_name(source_meta["input_image"]) if source_meta.get("input_image") else None
+                try:
+                    kept_input = Image.open(first_input) if first_input is not None else image
+                    kept_input.load()
+                except OSError:
+                    kept_input = image
+            input_name = save_input_image(kept_input, video.path)
             timings["write"] = time.perf_counter() - write_start
+            exports, export_warnings = self._make_exports(video.path, plan.exports, cancel)
+            warnings += export_warnings
             timings["total"] = time.perf_counter() - started
             metadata["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
             metadata["input_image"] = input_name
+            metadata["exports"] = {kind: path.name for kind, path in exports.items()}
+            if export_warnings:
+                metadata["warnings"] = [w.en for w in warnings]
             kept = input_name is not None
             try:
-                update_metadata(video, {"timings_s": metadata["timings_s"], "input_image": input_name})
+                update_metadata(video, {key: metadata[key] for key in ("timings_s", "input_image", "exports",
+                                                                        "warnings")})
             except OSError as exc:  # the video and its JSON are complete; only the write time is missing
                 log.warning("could not add the write time to %s: %s", video.metadata_path.name, exc)
                 kept = False
@@ -405,10 +653,33 @@ class GenerationService:
                     f"The video was saved, but its input image (or its write time) could not be kept beside it "
                     f"in {outputs}: is the disk full?",
                     f"视频已保存,但无法在 {outputs} 中同时保存输入图片(或写入耗时):磁盘是否已满?"))
-        log.info("wrote %s (seed %d, %.1f s)", video.path.name, sample.seed, timings["total"])
+        log.info("wrote %s (seed %d, %d segments, %.1f s)", video.path.name, sample.seed, len(entries),
+                 timings["total"])
         return GenerationResult(video_path=video.path, metadata_path=video.metadata_path, metadata=metadata,
-                                seed=sample.seed, timings_s=metadata["timings_s"], peak_vram_gib=peak,
-                                warnings=warnings)
+                                seed=metadata["seed"], timings_s=metadata["timings_s"], peak_vram_gib=peak,
+                                warnings=warnings, exports=exports)
+
+    def _make_exports(self, video: Path, kinds: list[str], cancel: threading.Event | None,
+                      ) -> tuple[dict[str, Path], list[Message]]:
+        """Each export of the finished `video`; one that fails becomes a warning, the video stays."""
+        made: dict[str, Path] = {}
+        notes: list[Message] = []
+        if not kinds:
+            return made, notes
+        from app.exports import export
+
+        for kind in kinds:
+            try:
+                made[kind] = export(video, kind, self.settings.exports, cancel=cancel)
+            except AppError as exc:
+                log.warning("export %s of %s failed: %s", kind, video.name, exc.en)
+                notes.append(Message(f"The video was saved, but its {kind} export failed: {exc.en}",
+                                     f"视频已保存,但 {kind} 导出失败:{exc.zh}"))
+            except Exception as exc:  # the video is complete: keep it, say which export is missing
+                log.exception("export %s of %s failed", kind, video.name)
+                notes.append(Message(f"The video was saved, but its {kind} export failed: {type(exc).__name__}: {exc}",
+                                     f"视频已保存,但 {kind} 导出失败:{type(exc).__name__}: {exc}"))
+        return made, notes
 
     def history(self, limit: int = 50) -> list[VideoEntry]:
         return list_videos(self.settings.path("outputs"), limit=limit)
