@@ -160,6 +160,17 @@ def test_extend_continues_a_finished_video_by_one_segment(spy_service, image_rgb
         first.video_path.with_name(read_metadata(first.video_path)["input_image"])).size
 
 
+def test_exports_are_made_beside_the_mp4(spy_service, image_rgb):
+    svc, _, _ = spy_service()
+    result = svc.generate(_req(image_rgb, exports=["gif", "smooth2"]))
+    assert set(result.exports) == {"gif", "smooth2"}
+    for path in result.exports.values():
+        assert path.parent == result.video_path.parent and path.is_file()
+    smooth = probe(result.exports["smooth2"])
+    assert (smooth["codec"], smooth["pix_fmt"]) == ("h264", "yuv420p")
+    assert read_metadata(result.video_path)["exports"] == {k: p.name for k, p in result.exports.items()}
+
+
 def test_a_failing_export_keeps_the_video_and_warns(spy_service, image_rgb, monkeypatch):
     import sys
     import types
