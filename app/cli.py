@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_number_arg, help="denoising steps")
     gen.add_argument("--guidance", type=_number_arg, dest="guidance_scale", help="guidance scale")
     gen.add_argument("--seed", type=_number_arg, help="seed; -1 picks a random one")
+    gen.add_argument("--segments", type=_number_arg, help="make a longer video of N segments, each continuing "
+                                                           "from the last frame of the one before (default 1)")
+    gen.add_argument("--segment-prompt", action="append", dest="segment_prompts", metavar="PROMPT",
+                     help="the prompt of one segment, once per segment in order (default: --prompt for all)")
+    gen.add_argument("--crossfade", type=_number_arg, help="frames blended where two segments meet (default 0)")
+    gen.add_argument("--smooth", type=int, choices=[2, 4], help="also export a smoother MP4 with 2× or 4× the frames")
+    gen.add_argument("--loop", action="store_true", help="also export a forward-then-backward looping MP4")
+    gen.add_argument("--export", metavar="KINDS",
+                     help="also export these, comma-separated: gif, webm, frames (a ZIP of PNG frames)")
     gen.add_argument("--output-dir", type=Path, help="folder for the MP4 and JSON (default: outputs/)")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.add_argument("--compile", action="store_true",
@@ -262,16 +271,23 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
     def on_progress(p: Any) -> None:
         if args.quiet:
             return
-        if bar.get("stage") != p.stage:
+        stage = p.stage if getattr(p, "segments", 1) == 1 else f"{p.segment}/{p.segments} {p.stage}"
+        if bar.get("stage") != stage:
             if bar.get("tqdm") is not None:
                 bar["tqdm"].close()
-            bar.update(stage=p.stage, tqdm=tqdm(total=p.total, desc=f"{p.stage:>7}", unit="step", file=sys.stderr))
+            bar.update(stage=stage, tqdm=tqdm(total=p.total, desc=f"{stage:>7}", unit="step", file=sys.stderr))
         bar["tqdm"].n = p.step
         bar["tqdm"].refresh()
 
+    exports = [f"smooth{args.smooth}"] if args.smooth else []
+    exports += ["loop"] if args.loop else []
+    exports += [kind.strip() for kind in (args.export or "").split(",") if kind.strip()]
     req = GenerationRequest(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
                             seed=args.seed, preset=args.preset,
-                            video={name: getattr(args, name) for name in VideoParams.model_fields})
+                            video={name: getattr(args, name) for name in VideoParams.model_fields},
+                            segments=1 if args.segments is None else args.segments,
+                            segment_prompts=args.segment_prompts,
+                            crossfade=0 if args.crossfade is None else args.crossfade, exports=exports)
     service.resolve(req)  # bad input fails here, before the model is even loaded
     service.load()
     try:
@@ -283,12 +299,15 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
         _say("WARN", w.en)
     if args.json:
         print(json.dumps({"video": str(result.video_path), "metadata": str(result.metadata_path),
+                          "exports": {kind: str(path) for kind, path in result.exports.items()},
                           "seed": result.seed, "timings_s": result.timings_s,
                           "peak_vram_gib": result.peak_vram_gib}, ensure_ascii=False))
     else:
         if service.engine and service.engine.demo:
             _say("WARN", "Made with the demo model: the video is noise. / 演示模型生成,输出为噪声。")
         _say("SUCCESS", f"seed {result.seed}, {result.timings_s['total']:.1f} s")
+        for path in result.exports.values():
+            _say("INFO", f"export / 导出: {path}")
         print(result.video_path)
     return EXIT_OK
 

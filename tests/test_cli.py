@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -157,3 +158,21 @@ def test_a_number_flag_keeps_what_is_not_a_number_for_the_service_to_refuse(env_
     code, text = _run(capsys, "generate", "--model", "tiny", "--image", str(input_png), "--prompt", "x",
                       "--seed", "lucky")
     assert code == 2 and "[ERROR] 种子必须是数字,收到的是 'lucky'。" in text  # not argparse's English
+
+
+def test_generate_two_segments_with_a_smooth_and_a_gif_export(env_dirs, input_png, capsys):
+    code = cli.main(["generate", "--model", "tiny", "--image", str(input_png), "--prompt", "a cat",
+                     "--resolution", "64", "--frames", "4", "--steps", "1", "--fps", "8", "--segments", "2",
+                     "--smooth", "2", "--export", "gif", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    video = Path(captured.out.strip().splitlines()[-1])
+    info = probe(video)
+    assert (info["codec"], info["pix_fmt"], info["nb_frames"], info["fps"]) == ("h264", "yuv420p", 4 + 3, 8)
+    smooth = video.with_name(video.stem + "_smooth2x.mp4")
+    smooth_info = probe(smooth)
+    assert (smooth_info["codec"], smooth_info["pix_fmt"], smooth_info["fps"]) == ("h264", "yuv420p", 16)
+    assert video.with_suffix(".gif").read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+    meta = json.loads(video.with_suffix(".json").read_text(encoding="utf-8"))
+    assert meta["exports"] == {"smooth2": smooth.name, "gif": video.stem + ".gif"}
+    assert [s["seed"] for s in meta["segments"]] == [meta["seed"], (meta["seed"] + 1) % 2 ** 32]
