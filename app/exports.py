@@ -115,7 +115,7 @@ def export(video: Path, kind: str, settings: ExportSettings, *, cancel: threadin
     json_written = finished = False
     started = time.perf_counter()
     try:
-        source = _probe(video, cancel)
+        source = _probe(video)
         _check_cancel(cancel)
         details = _MAKERS[kind](video, source, tmp, settings, cancel)
         _check_cancel(cancel)
@@ -277,7 +277,8 @@ def _h264_args(tmp: Path) -> list[str]:
 def _run_ffmpeg(args: list[str], cancel: threading.Event | None, out_dir: Path, *,
                 feed: Iterator[np.ndarray] | None = None) -> None:
     """Run ffmpeg with ``args`` (optionally writing raw frames to its stdin) and wait, polling ``cancel``.
-    On a cancel or any error ffmpeg is killed; a failure raises app.video's OSError / RuntimeError."""
+    On a cancel or any error ffmpeg is killed. A failure raises OSError where ffmpeg hit one writing (a full
+    disk: export() turns it into its message), else ExportError with ffmpeg's own words."""
     cmd = [_ffmpeg(), "-y", "-hide_banner", *(["-nostdin"] if feed is None else []), "-v", "error", *args]
     with tempfile.TemporaryFile() as errors:  # a file, not a pipe: ffmpeg never blocks on a full pipe
         try:
@@ -293,7 +294,7 @@ def _run_ffmpeg(args: list[str], cancel: threading.Event | None, out_dir: Path, 
                         _check_cancel(cancel)
                         proc.stdin.write(np.ascontiguousarray(frame))
                     proc.stdin.close()
-                except BrokenPipeError:  # ffmpeg stopped reading: it failed, and its error output says why
+                except OSError:  # ffmpeg stopped reading: it failed, and its error output says why
                     pass
             while True:
                 try:
@@ -328,7 +329,7 @@ _SIZE_RE = re.compile(r", (\d+)x(\d+)")
 _RATE_RE = re.compile(r", ([\d.]+(?:/[\d.]+)?)(k?) (fps|tbr)")
 
 
-def _probe(video: Path, cancel: threading.Event | None) -> dict[str, Any]:
+def _probe(video: Path) -> dict[str, Any]:
     """The source's size and frame rate, from ffmpeg's description of its first video stream."""
     proc = subprocess.run([_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(video)], capture_output=True,
                           text=True, encoding="utf-8", errors="replace")

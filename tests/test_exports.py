@@ -153,6 +153,15 @@ def test_webm_is_vp9_with_every_frame(source):
     assert json.loads(metadata_path(out).read_text(encoding="utf-8"))["export"]["crf"] == 40
 
 
+def test_webm_without_a_vp9_encoder_says_so_and_leaves_nothing(source, monkeypatch):
+    monkeypatch.setattr(exports, "_encoders", lambda: " V....D libx264  libx264 H.264\n")
+    with pytest.raises(ExportError) as info:
+        export(source, "webm", SETTINGS)
+    assert "needs ffmpeg's VP9 encoder (libvpx-vp9)" in info.value.message("en")
+    assert "VP9 编码器(libvpx-vp9)" in info.value.message("zh")
+    assert names(source.parent) == {source.name, source.with_suffix(".json").name}
+
+
 def test_frames_zip_holds_one_png_per_frame_at_the_video_size(source):
     out = export(source, "frames", SETTINGS)
 
