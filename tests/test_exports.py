@@ -281,7 +281,7 @@ def test_cancel_while_frames_stream_stops_and_leaves_nothing(source, kind):
 
 def test_cancel_while_ffmpeg_interpolates_kills_it_and_leaves_nothing(tmp_path, monkeypatch):
     # A larger clip, so ffmpeg is still working when its temp file appears.
-    source = write_video(moving_frames(16, 192, 192), FPS, tmp_path, {}).path
+    source = write_video(moving_frames(24, 256, 256), FPS, tmp_path, {}).path
     target = export_path(source, "smooth4")
     cancel = threading.Event()
     started: list[subprocess.Popen] = []
