@@ -6,7 +6,8 @@ Nothing happens at import time: gradio is imported inside the functions, after
 GRADIO_ANALYTICS_ENABLED is set. State is per browser session (gr.State, or keyed by the
 session hash); the one shared object is the service, which runs one GPU job at a time.
 
-Public API (gradio_client or MCP): `/generate` and `/cancel`, see docs/ui-and-api.md.
+Public API (gradio_client or MCP): `/generate` and `/cancel`, see docs/ui-and-api.md. Extend (continue a
+finished video by one segment) is a private event of the page.
 """
 
 import html
@@ -128,6 +129,9 @@ def api_docstring(settings: Settings) -> str:
         steps: denoising (inference) steps, {span("steps")}.
         guidance_scale: how closely the video follows the prompt, {span("guidance_scale")}.
         seed: random seed, 0 to {MAX_SEED}; -1 picks a new one each run; left out: {dflt.seed}.
+        segments: 1 to {lim.max_segments}; more than 1 makes a longer video, each segment continuing from the last frame of the one before (segment k uses seed + k - 1); left out: 1.
+        crossfade: frames blended where two segments meet, 0 to {lim.max_crossfade_frames} (fewer than num_frames); left out: 0.
+        exports: also make these beside the MP4, a list or a comma-separated text of smooth2, smooth4, loop, gif, webm, frames; their file names are in the parameters' "exports".
     Returns:
         The MP4 video, a short summary (seed, time per stage, peak VRAM, file name) and all parameters.
     """
@@ -164,12 +168,21 @@ def render_status(status: dict[str, Any], lang: str) -> str:
 
 def render_info(meta: dict[str, Any], video_name: str, lang: str, notes: list[str] | None = None) -> str:
     """The run info under the video: file, seed, size, time per stage, peak VRAM (Markdown)."""
-    frames, fps = int(meta.get("num_frames") or 0), int(meta.get("fps") or 0)
+    frames = int(meta.get("total_frames") or meta.get("num_frames") or 0)
+    fps = int(meta.get("fps") or 0)
     lines = [
         f"**{text('info_file', lang)}:** `{video_name}`  ·  **{text('info_seed', lang)}:** `{meta.get('seed', '?')}`",
         text("info_video", lang, w=meta.get("width", "?"), h=meta.get("height", "?"), frames=frames, fps=fps,
              seconds=frames / fps if fps else 0.0),
     ]
+    segments = meta.get("segments") or []
+    if len(segments) > 1:
+        lines.append(text("info_segments", lang, n=len(segments), c=int(meta.get("crossfade") or 0)))
+    if meta.get("extended_from"):
+        lines.append(text("info_extended", lang, name=html.escape(str(meta["extended_from"]))))
+    if meta.get("exports"):
+        names = " · ".join(f"`{html.escape(str(name))}`" for name in meta["exports"].values())
+        lines.append(f"**{text('info_exports', lang)}:** {names}")
     timings = meta.get("timings_s") or {}
     stages = [f"{text('stage_' + k, lang)} {duration(float(timings[k]), lang)}"
               for k in ("encode", "denoise", "decode", "write", "total") if k in timings]
@@ -265,6 +278,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
     with gr.Blocks(title="Image-to-Video · I2VGen-XL", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as demo:
         last_seed = gr.State(None)
+        current_video = gr.State(None)  # the path of the video shown, which Extend continues
         history_paths = gr.State([])
         defaults_settled = gr.State(False)
 
@@ -311,6 +325,17 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
                         with gr.Column(scale=1, min_width=120):
                             seed_random = gr.Button(L("seed_random"), size="sm", elem_id="seed-random")
                             seed_reuse = gr.Button(L("seed_reuse"), size="sm", elem_id="seed-reuse")
+                with gr.Accordion(L("output_options"), open=False, elem_id="output-options"):
+                    with gr.Row():
+                        segments = Slider(1, lim.max_segments, value=1, step=1, label=L("segments"),
+                                          info=L("segments_info"), elem_id="segments")
+                        crossfade = Slider(0, lim.max_crossfade_frames, value=0, step=1, label=L("crossfade"),
+                                           info=L("crossfade_info"), elem_id="crossfade")
+                    smooth = gr.Radio([(L("smooth_off"), 0), (L("smooth_2"), 2), (L("smooth_4"), 4)], value=0,
+                                      label=L("smooth"), elem_id="smooth")
+                    export_kinds = gr.CheckboxGroup(
+                        [(L("export_loop"), "loop"), (L("export_gif"), "gif"), (L("export_webm"), "webm"),
+                         (L("export_frames"), "frames")], value=[], label=L("exports_pick"), elem_id="export-kinds")
                 with gr.Row():
                     generate_btn = gr.Button(L("generate"), variant="primary", scale=3, elem_id="generate-btn")
                     cancel_btn = gr.Button(L("cancel"), variant="stop", scale=1, elem_id="cancel-btn")
@@ -319,6 +344,9 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             with gr.Column(scale=1, elem_id="outputs"):
                 video = gr.Video(label=L("output_video"), autoplay=True, loop=True, buttons=["download"],
                                  interactive=False, height=420, elem_id="output-video")
+                extend_btn = gr.Button(L("extend"), size="sm", elem_id="extend-btn")
+                export_files = gr.File(label=L("exports"), file_count="multiple", interactive=False,
+                                       elem_id="export-files")
                 info = gr.Markdown(L("info_empty"), elem_id="run-info")
                 with gr.Accordion(L("details"), open=False):
                     details = gr.JSON(elem_id="details")
@@ -365,7 +393,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             path = Path(paths[evt.index]) if paths and 0 <= evt.index < len(paths) else None
             if path is None or not path.is_file():
                 gr.Warning(text("history_missing", lang, name=path.name if path else "?"))
-                return (gr.skip(),) * 13
+                return (gr.skip(),) * 17
             meta = read_metadata(path)
             info_md = render_info(meta, path.name, lang, [text("info_from_history", lang)])
 
@@ -374,13 +402,15 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
 
             kept = path.with_name(meta["input_image"]) if meta.get("input_image") else None
             restored_image = str(kept) if kept is not None and kept.is_file() else gr.skip()
+            segs = meta.get("segments") or []
             return (str(path), info_md, meta, value("prompt"), value("negative_prompt"), value("resolution"),
                     value("num_frames"), value("fps"), value("steps"), value("guidance_scale"), value("seed"), None,
-                    restored_image)
+                    restored_image, str(path), _export_paths(path, meta),
+                    max(1, len(segs)), meta.get("crossfade") or 0)
 
         gallery.select(load_from_history, [history_paths],
-                       [video, info, details, prompt, negative, *sliders, seed, preset, image], queue=False,
-                       api_visibility="private")
+                       [video, info, details, prompt, negative, *sliders, seed, preset, image, current_video,
+                        export_files, segments, crossfade], queue=False, api_visibility="private")
 
         # Presets, seed, crop preview -------------------------------------------------------------
         def use_example(evt: gr.SelectData) -> tuple[str, str]:
@@ -416,14 +446,16 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
 
         # Generate and cancel ---------------------------------------------------------------------
         def make_video(image: Any, prompt: Any, negative_prompt: Any, video_values: dict[str, Any], seed: Any,
-                       request: gr.Request, progress: Any) -> tuple[str, str, dict[str, Any]]:
+                       request: gr.Request, progress: Any, **more: Any) -> tuple[str, str, dict[str, Any]]:
             """One run for the page or the API: (video path, run info, all parameters). Unset (None) values
-            are left out of the request, so the service fills them in (demo or config defaults)."""
+            are left out of the request, so the service fills them in (demo or config defaults). `more` holds
+            the request's segments, crossfade, exports and extend_from."""
             lang = request_lang(request)
             owner = job_owner(request)
             cancel = jobs.open(owner)
             req = GenerationRequest(image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                                    video={k: v for k, v in video_values.items() if v is not None})
+                                    video={k: v for k, v in video_values.items() if v is not None},
+                                    **{k: v for k, v in more.items() if v is not None})
             try:
                 result = _generate_with_progress(service, req, cancel, progress, lang)
             except AppError as exc:
@@ -441,32 +473,60 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
 
         def generate(image: str, prompt: str, negative_prompt: str | None = None, resolution: int | None = None,
                      num_frames: int | None = None, fps: int | None = None, steps: int | None = None,
-                     guidance_scale: float | None = None, seed: int | None = None,
+                     guidance_scale: float | None = None, seed: int | None = None, segments: int | None = None,
+                     crossfade: int | None = None, exports: list[str] | str | None = None,
                      request: gr.Request = None,  # type: ignore[assignment]  # Gradio passes it
                      progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's idiom)
                      ) -> tuple[str, str, dict[str, Any]]:
             video_values = dict(resolution=resolution, num_frames=num_frames, fps=fps, steps=steps,
                                 guidance_scale=guidance_scale)
-            return make_video(image, prompt, negative_prompt, video_values, seed, request, progress)
+            return make_video(image, prompt, negative_prompt, video_values, seed, request, progress,
+                              segments=segments, crossfade=crossfade, exports=exports)
 
         generate.__doc__ = api_docstring(settings)
 
         def generate_in_page(image: str | None, prompt: str, negative_prompt: str, resolution: float,
                              num_frames: float, fps: float, steps: float, guidance_scale: float, seed: float,
+                             segments: float, crossfade: float, smooth: int, kinds: list[str],
                              request: gr.Request, progress: gr.Progress = gr.Progress(),  # noqa: B008
-                             ) -> tuple[str, str, dict[str, Any], int]:
-            """The page's Generate button: a run with every value set, plus the seed for *Reuse last seed*."""
+                             ) -> tuple[Any, ...]:
+            """The page's Generate button: a run with every value set, plus the seed for *Reuse last seed*,
+            the exported files and the video Extend continues."""
             video_values = dict(resolution=resolution, num_frames=num_frames, fps=fps, steps=steps,
                                 guidance_scale=guidance_scale)
             video_path, info_md, details_ = make_video(image, prompt, negative_prompt, video_values, seed,
-                                                        request, progress)
-            return video_path, info_md, details_, details_["seed"]
+                                                        request, progress, segments=segments, crossfade=crossfade,
+                                                        exports=_page_exports(smooth, kinds))
+            return (video_path, info_md, details_, details_["seed"], _export_paths(Path(video_path), details_),
+                    video_path)
 
+        def extend_in_page(shown: str | None, prompt: str, crossfade: float, smooth: int, kinds: list[str],
+                           request: gr.Request, progress: gr.Progress = gr.Progress(),  # noqa: B008
+                           ) -> tuple[Any, ...]:
+            """The Extend button: the video shown (a result or a history entry) continued from its last frame
+            by one more segment, with the prompt in the box (the video's own when the box is empty), as a new
+            file; the old one is kept."""
+            if not shown:
+                gr.Info(text("extend_nothing", request_lang(request)))
+                return (gr.skip(),) * 6
+            video_path, info_md, details_ = make_video(None, prompt, None, {}, None, request, progress,
+                                                        extend_from=Path(shown).name, crossfade=crossfade,
+                                                        exports=_page_exports(smooth, kinds))
+            return (video_path, info_md, details_, details_["seed"], _export_paths(Path(video_path), details_),
+                    video_path)
+
+        page_outputs = [video, info, details, last_seed, export_files, current_video]
         gen_event = generate_btn.click(
-            generate_in_page, [image, prompt, negative, *sliders, seed], [video, info, details, last_seed],
-            api_visibility="private", concurrency_limit=1, concurrency_id=GPU_QUEUE, show_progress_on=[video],
+            generate_in_page, [image, prompt, negative, *sliders, seed, segments, crossfade, smooth, export_kinds],
+            page_outputs, api_visibility="private", concurrency_limit=1, concurrency_id=GPU_QUEUE,
+            show_progress_on=[video],
         )
         gen_event.success(refresh_history, None, [gallery, history_paths], queue=False, api_visibility="private")
+        extend_event = extend_btn.click(
+            extend_in_page, [current_video, prompt, crossfade, smooth, export_kinds], page_outputs,
+            api_visibility="private", concurrency_limit=1, concurrency_id=GPU_QUEUE, show_progress_on=[video],
+        )
+        extend_event.success(refresh_history, None, [gallery, history_paths], queue=False, api_visibility="private")
 
         # The public endpoint has its own hidden inputs. Their unset value is None, so a client that leaves a
         # parameter out gets the service's default rather than the page's slider value (gradio_client fills a
@@ -482,9 +542,14 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
                            Number(label=L("steps"), value=None, precision=0),
                            Number(label=L("guidance"), value=None)]
             api_seed = Number(label=L("seed"), value=None, precision=0)
+            api_segments = Number(label=L("segments"), value=None, precision=0)
+            api_crossfade = Number(label=L("crossfade"), value=None, precision=0)
+            # A list of kinds or one comma-separated text, handed to the service as sent.
+            api_exports = _checked_by_service(gr.Textbox)(label=L("exports_pick"), value=None)
             api_trigger = gr.Button()
         api_event = api_trigger.click(
-            generate, [api_image, api_prompt, api_negative, *api_numbers, api_seed], [video, info, details],
+            generate, [api_image, api_prompt, api_negative, *api_numbers, api_seed, api_segments, api_crossfade,
+                       api_exports], [video, info, details],
             api_name="generate", concurrency_limit=1, concurrency_id=GPU_QUEUE,
         )
 
@@ -494,7 +559,8 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             return text("cancel_requested" if running else "cancel_nothing", request_lang(request))
 
         # `cancels` drops a job still waiting in the queue; the events above stop a running one.
-        cancel_btn.click(cancel, None, [info], api_name="cancel", queue=False, cancels=[gen_event, api_event])
+        cancel_btn.click(cancel, None, [info], api_name="cancel", queue=False,
+                         cancels=[gen_event, extend_event, api_event])
 
         def cancel_when_the_page_closes(request: gr.Request) -> None:
             """A closed or reloaded tab (or a closed gradio_client) cancels its running job, as Cancel does:
@@ -507,6 +573,18 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
     return demo
 
 
+def _page_exports(smooth: Any, kinds: list[str] | None) -> list[str]:
+    """The export kinds the page's output options ask for."""
+    return ([f"smooth{int(smooth)}"] if smooth else []) + list(kinds or [])
+
+
+def _export_paths(video: Path, meta: dict[str, Any]) -> list[str] | None:
+    """The exported files beside `video` that its metadata names, for the page's file list."""
+    found = [video.with_name(name) for name in (meta.get("exports") or {}).values()
+             if isinstance(name, str) and Path(name).name == name]
+    return [str(path) for path in found if path.is_file()] or None
+
+
 def _generate_with_progress(service: GenerationService, req: GenerationRequest, cancel: threading.Event,
                             progress: Any, lang: str) -> GenerationResult:
     """service.generate with its progress shown as 'step i/N · about 12 s left' in `lang`."""
@@ -514,18 +592,22 @@ def _generate_with_progress(service: GenerationService, req: GenerationRequest, 
         progress(0.0, desc=text("progress_wait_model", lang))
 
     def on_progress(p: Any) -> None:
+        # A longer video says which segment it is on: "Segment 2/3 · Step 4/10 · about 5 s left".
+        many = getattr(p, "segments", 1) > 1
+        head = text("progress_segment", lang, k=p.segment, n=p.segments) + " · " if many else ""
         if p.stage == "encode":
-            progress(0.0, desc=text("progress_encode", lang))
+            progress(0.0, desc=head + text("progress_encode", lang))
         elif p.stage == "compile":
-            progress(0.0, desc=text("progress_compile", lang))
+            progress(0.0, desc=head + text("progress_compile", lang))
         elif p.stage == "denoise":
             eta = duration(p.eta_s, lang) if p.eta_s is not None else "?"
-            progress((p.step, p.total), desc=text("progress_denoise", lang, i=p.step, n=p.total, eta=eta),
+            progress((p.step, p.total), desc=head + text("progress_denoise", lang, i=p.step, n=p.total, eta=eta),
                      unit="steps")
-        elif p.step >= p.total:
+        elif p.step >= p.total and not (many and p.segment < p.segments):
             progress(1.0, desc=text("progress_write", lang))
         else:
-            progress((p.step, p.total), desc=text("progress_decode", lang, i=p.step, n=p.total), unit="frames")
+            progress((p.step, p.total), desc=head + text("progress_decode", lang, i=p.step, n=p.total),
+                     unit="frames")
 
     return service.generate(req, on_progress=on_progress, cancel=cancel)
 

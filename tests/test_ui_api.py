@@ -118,9 +118,10 @@ def _client(url: str, **headers: str) -> Client:
 
 
 def _generate(client: Client, image: Path, prompt: str = "a sun rising over the sea", **params):
+    more = {name: params.pop(name) for name in ("segments", "crossfade", "exports") if name in params}
     values = {**FAST, "seed": -1, **params}
     return client.predict(handle_file(str(image)), prompt, "", values["resolution"], values["num_frames"],
-                          values["fps"], values["steps"], values["guidance_scale"], values["seed"],
+                          values["fps"], values["steps"], values["guidance_scale"], values["seed"], **more,
                           api_name="/generate")
 
 
@@ -135,7 +136,7 @@ def test_public_api_is_generate_and_cancel(api_server):
     assert set(api["named_endpoints"]) == {"/generate", "/cancel"}
     params = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
     assert params == ["image", "prompt", "negative_prompt", "resolution", "num_frames", "fps", "steps",
-                      "guidance_scale", "seed"]
+                      "guidance_scale", "seed", "segments", "crossfade", "exports"]
 
 
 def test_generate_returns_h264_mp4_with_its_info(api_server):
@@ -154,13 +155,28 @@ def test_generate_returns_h264_mp4_with_its_info(api_server):
         assert word in info
 
 
+def test_generate_with_two_segments_and_exports(api_server):
+    video, info, details = _client(api_server.url).predict(
+        handle_file(str(api_server.image)), "a sun rising over the sea", resolution=64, num_frames=4, fps=8,
+        steps=1, seed=77, segments=2, crossfade=1, exports=["loop", "gif"], api_name="/generate")
+    meta = probe(Path(video))
+    assert (meta["codec"], meta["pix_fmt"], meta["nb_frames"], meta["fps"]) == ("h264", "yuv420p", 4 + 3 - 1, 8)
+    assert [(s["index"], s["seed"]) for s in details["segments"]] == [(1, 77), (2, 78)]
+    assert details["crossfade"] == 1 and "2 segments · cross-fade 1 frames" in info
+    stem = Path(details["file"]).stem
+    assert details["exports"] == {"loop": f"{stem}_loop.mp4", "gif": f"{stem}.gif"}
+    assert all((api_server.outputs / name).is_file() for name in details["exports"].values())
+
+
 @pytest.mark.parametrize(("params", "headers", "expected"), [
     ({"prompt": "   "}, {}, "The prompt is empty"),
     ({"resolution": 100}, {}, "resolution 100 must be a multiple of 64"),
     ({"steps": 1000}, {}, "steps is 1000, outside the allowed range"),
     ({"prompt": ""}, {"Accept-Language": "zh-CN,zh;q=0.9,en;q=0.8"}, "提示词为空"),
     ({"num_frames": 99}, {"Accept-Language": "zh-CN"}, "帧数为 99,超出允许范围"),
-], ids=["empty-prompt", "resolution", "steps", "zh-empty-prompt", "zh-frames"])
+    ({"segments": 20}, {}, "segments is 20, outside the allowed range 1–8 (limits.max_segments = 8)"),
+    ({"exports": "gif,avi"}, {"Accept-Language": "zh-CN"}, "未知的导出格式 'avi'"),
+], ids=["empty-prompt", "resolution", "steps", "zh-empty-prompt", "zh-frames", "segments", "zh-exports"])
 def test_bad_input_returns_the_error_text(api_server, params, headers, expected):
     before = _listing(api_server.outputs)
     with pytest.raises(ClientAppError) as err:
