@@ -832,6 +832,34 @@ def part_stability(ctx):
     ctx.save("stability", result)
 
 
+def part_segments(ctx):
+    """A video extended to 3 segments beside 3 single clips of the same size, through the app's service: wall
+    time and peak GPU memory of each, and the allocated memory after each (it must stay flat)."""
+    from app.service import GenerationRequest
+
+    with_speedups(ctx, ctx.args.speedups)
+    svc, real_writer = _service(ctx, "segments")
+    res, frames = (64, 4) if ctx.args.tiny else (512, 16)
+    video = {"resolution": res, "num_frames": frames, "steps": ctx.args.steps}
+    svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, seed=0, video=video))  # warm-up
+    rows = []
+    for label, seeds, segments in (("single", (1, 2, 3), 1), ("three_segments", (1,), 3)):
+        for seed in seeds:
+            peak_reset(ctx.device)
+            t = time.perf_counter()
+            r = svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, seed=seed, video=video,
+                                               segments=segments))
+            rows.append({"kind": label, "seed": seed, "wall_s": time.perf_counter() - t, "peak_gib": peak(ctx.device),
+                         "frames": r.metadata.get("total_frames"),
+                         "allocated_mib_after": torch.cuda.memory_allocated() / 2**20 if ctx.device.type == "cuda" else 0.0})
+    singles = [r for r in rows if r["kind"] == "single"]
+    ctx.save("segments", {"what": "3 single clips, then one video of 3 segments (each from the last frame before)",
+                          "res": res, "frames_per_segment": frames, "steps": ctx.args.steps,
+                          "speedups": getattr(ctx.base_sampler, "_bench_variant", "eager"), "runs": rows,
+                          "three_singles_s": sum(r["wall_s"] for r in singles),
+                          "mp4_written": real_writer})
+
+
 def part_oom(ctx):
     from app.errors import OutOfMemoryError
     from app.service import GenerationRequest
@@ -1210,6 +1238,7 @@ PARTS = {  # name: what it measures (512: 512² x 16 frames, 768: 768² x 24 fra
     "appstart": "the app's own load_engine in fresh processes per --appstart-configs: first start, restarts, frames",
     "sizeswitch": "512, 384, then 512 again with --speedups: the frames repeat and memory comes back",
     "verify512": "each speedup path vs eager fp16 on other weights than the stored graphs' (CUDA only): errors",
+    "segments": "a video extended to 3 segments beside 3 single clips (512² x 16 each): time, peak memory",
 }
 
 
@@ -1290,6 +1319,7 @@ def main() -> None:
         "appstart": lambda: part_appstart(ctx),
         "sizeswitch": lambda: part_sizeswitch(ctx),
         "verify512": lambda: part_verify(ctx, 512, 16),
+        "segments": lambda: part_segments(ctx),
     }
     for name in names:
         t = time.perf_counter()

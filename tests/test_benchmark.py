@@ -19,7 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARK = REPO / "benchmarks" / "benchmark.py"
 # fp32ref512 first: then ref512 also reports diffusers' own error vs fp32, the yardstick for ours.
-PARTS = ("load", "fp32ref512", "ref512", "compile512", "lowvram", "stability", "sizeswitch")
+PARTS = ("load", "fp32ref512", "ref512", "compile512", "lowvram", "stability", "sizeswitch", "segments")
 
 
 def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
@@ -54,6 +54,9 @@ def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
     assert stability["mp4_written"] is True
     assert stability["standard"]["failures"] == stability["high_quality"]["failures"] == [], stability
     assert stability["standard"]["runs"] == 3 and stability["high_quality"]["runs"] == 1
+    segments = json.loads((out / "segments.json").read_text())
+    assert [(r["kind"], r["frames"]) for r in segments["runs"]] == [("single", 4)] * 3 + [("three_segments", 10)]
+    assert segments["mp4_written"] is True
     switch = json.loads((out / "sizeswitch.json").read_text())
     assert [r["size"] for r in switch["runs"]] == ["64x4", "32x4", "64x4"]
     assert switch["ok"] is True and switch["rel_diff_first_vs_last"] == 0.0
