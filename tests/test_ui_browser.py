@@ -263,6 +263,31 @@ def test_history_entry_loads_its_video_and_settings(ui, browser):
     page.context.close()
 
 
+def test_extend_on_a_history_entry_makes_a_longer_video(ui, browser, monkeypatch):
+    sampler = ui.service.engine.sampler  # hold the decode a moment, so the last step's progress is sent
+    decode = sampler.decode
+    monkeypatch.setattr(sampler, "decode", lambda *a, **kw: (time.sleep(0.5), decode(*a, **kw))[1])
+    page = _open(browser, ui.url)
+    page.locator("#history .thumbnail-item", has_text="made before the server").click()
+    sync_api.expect(page.locator("#run-info")).to_contain_text(ui.earlier.video_path.name)
+    before = _listing(ui.outputs)
+    _watch_text(page, "#output-video", r"Segment \d+/\d+ · Step \d+/\d+")
+    page.locator("#extend-btn").click()
+
+    sync_api.expect(page.locator("#run-info")).to_contain_text("Extended from")
+    new = sorted(n for n in _listing(ui.outputs) - before if n.endswith(".mp4"))
+    assert len(new) == 1 and ui.earlier.video_path.is_file()
+    sync_api.expect(page.locator("#run-info")).to_contain_text(new[0])
+    page.wait_for_function("() => document.querySelector('#output-video video').readyState >= 1")
+    video = page.locator("#output-video video")
+    assert video.get_attribute("src").endswith(new[0])
+    # 4 frames, then one more segment of 4 whose first frame is dropped: 7 frames at 8 FPS.
+    assert video.evaluate("v => v.duration") == pytest.approx(7 / 8, abs=0.1)
+    assert "Segment 2/2 · Step 1/1" in page.evaluate("window.__seen")
+    sync_api.expect(page.locator("#run-info")).to_contain_text("2 segments · cross-fade 0 frames")
+    page.context.close()
+
+
 def test_chinese_browser_gets_chinese_labels_and_errors(ui, browser):
     page = _open(browser, ui.url, locale="zh-CN")
     for label in ("图像转视频", "输入图片", "模型实际看到的画面", "提示词", "预设", "高级参数", "生成视频", "取消",
