@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 HISTORY_LIMIT = 24  # videos shown in the history gallery
 STATUS_POLL_S = 2.0  # how often each open page refreshes the status bar
 GPU_QUEUE = "gpu"  # concurrency group of every event that generates
+GENERATE_FIRST_INPUTS = 9  # /generate's parameters up to seed; the ones after it may be left out
 CANCEL_NOTE_S = 10  # seconds the "cancelled" note stays; errors stay until the user closes them
 
 CSS = """
@@ -570,6 +571,18 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
                 log.info("a client left during its run; the run is cancelled")
 
         demo.unload(cancel_when_the_page_closes)
+
+        # A raw HTTP caller (POST /gradio_api/call/generate) may send only the nine values /generate had before
+        # segments, crossfade and exports: those then take their defaults, as gradio_client's callers get.
+        check_inputs = demo.validate_inputs
+
+        def validate_inputs(block_fn: Any, inputs: list[Any]) -> None:
+            wanted = len(block_fn.inputs)
+            if block_fn.api_name == "generate" and GENERATE_FIRST_INPUTS <= len(inputs) < wanted:
+                inputs.extend([None] * (wanted - len(inputs)))
+            check_inputs(block_fn, inputs)
+
+        demo.validate_inputs = validate_inputs  # type: ignore[method-assign]
     return demo
 
 

@@ -7,6 +7,7 @@ outputs/ and nothing else.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -166,6 +167,22 @@ def test_generate_with_two_segments_and_exports(api_server):
     stem = Path(details["file"]).stem
     assert details["exports"] == {"loop": f"{stem}_loop.mp4", "gif": f"{stem}.gif"}
     assert all((api_server.outputs / name).is_file() for name in details["exports"].values())
+
+
+def test_raw_http_with_the_first_nine_values_still_generates(api_server):
+    """A caller of the plain HTTP API that sends /generate's values up to seed gets the defaults for the rest."""
+    upload = httpx.post(api_server.url + "gradio_api/upload",
+                        files={"files": ("in.png", api_server.image.read_bytes(), "image/png")})
+    image = {"path": upload.json()[0], "meta": {"_type": "gradio.FileData"}}
+    data = [image, "a sun rising over the sea", "", 64, 4, 8, 1, 9.0, 5]
+    event = httpx.post(api_server.url + "gradio_api/call/generate", json={"data": data}).json()["event_id"]
+    events = httpx.get(api_server.url + f"gradio_api/call/generate/{event}", timeout=120).text
+    assert "event: complete" in events, events
+    details = next(item for item in json.loads(events.rpartition("data: ")[2]) if isinstance(item, dict)
+                   and "seed" in item)
+    assert (details["seed"], len(details["segments"]), details["crossfade"], details["exports"]) == (5, 1, 0, {})
+    info = probe(api_server.outputs / details["file"])
+    assert (info["codec"], info["pix_fmt"], info["nb_frames"], info["fps"]) == ("h264", "yuv420p", 4, 8)
 
 
 @pytest.mark.parametrize(("params", "headers", "expected"), [
