@@ -38,6 +38,7 @@ HISTORY_LIMIT = 24  # videos shown in the history gallery
 STATUS_POLL_S = 2.0  # how often each open page refreshes the status bar
 GPU_QUEUE = "gpu"  # concurrency group of every event that generates
 GENERATE_FIRST_INPUTS = 9  # /generate's parameters up to seed; the ones after it may be left out
+GENERATE_EVENTS = ("generate", "generate_in_page")  # the functions of /generate and of the Generate button
 CANCEL_NOTE_S = 10  # seconds the "cancelled" note stays; errors stay until the user closes them
 
 CSS = """
@@ -572,14 +573,15 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
 
         demo.unload(cancel_when_the_page_closes)
 
-        # A raw HTTP caller (POST /gradio_api/call/generate) may send only the nine values /generate had before
-        # segments, crossfade and exports: those then take their defaults, as gradio_client's callers get.
+        # A raw HTTP caller (POST /gradio_api/call/generate, or a script that joins the queue with the page's
+        # Generate event) may send only the nine values up to seed that both took before the longer-video and
+        # output options: the rest take their components' values (None for /generate: the service's defaults).
         check_inputs = demo.validate_inputs
 
         def validate_inputs(block_fn: Any, inputs: list[Any]) -> None:
             wanted = len(block_fn.inputs)
-            if block_fn.api_name == "generate" and GENERATE_FIRST_INPUTS <= len(inputs) < wanted:
-                inputs.extend([None] * (wanted - len(inputs)))
+            if block_fn.name in GENERATE_EVENTS and GENERATE_FIRST_INPUTS <= len(inputs) < wanted:
+                inputs.extend(getattr(block, "value", None) for block in block_fn.inputs[len(inputs):])
             check_inputs(block_fn, inputs)
 
         demo.validate_inputs = validate_inputs  # type: ignore[method-assign]
