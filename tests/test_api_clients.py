@@ -107,11 +107,12 @@ def test_the_public_endpoints_are_generate_and_cancel_for_both_clients(mcp_serve
     assert api["unnamed_endpoints"] == {}
     params = {p["parameter_name"]: p for p in api["named_endpoints"]["/generate"]["parameters"]}
     assert list(params) == ["image", "prompt", "negative_prompt", "resolution", "num_frames", "fps", "steps",
-                            "guidance_scale", "seed"]
+                            "guidance_scale", "seed", "segments", "crossfade", "exports"]
     # Only image and prompt are required; every other parameter defaults to None (the service's default).
     assert [n for n, p in params.items() if not p["parameter_has_default"]] == ["image", "prompt"]
     assert {n: p["parameter_default"] for n, p in params.items() if p["parameter_has_default"]} == dict.fromkeys(
-        ["negative_prompt", "resolution", "num_frames", "fps", "steps", "guidance_scale", "seed"])
+        ["negative_prompt", "resolution", "num_frames", "fps", "steps", "guidance_scale", "seed", "segments",
+         "crossfade", "exports"])
     assert len(api["named_endpoints"]["/generate"]["returns"]) == 3  # video, info, all parameters
 
     async def tools(session):

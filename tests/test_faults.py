@@ -463,7 +463,10 @@ def test_the_metadata_json_holds_no_absolute_path_and_no_secret(make_service, se
     text = result.metadata_path.read_text(encoding="utf-8")
     saved = json.loads(text)
     assert saved["prompt"] == prompt
-    others = [s for key, value in saved.items() if key != "prompt" for s in _strings(value)]
+    assert [segment["prompt"] for segment in saved["segments"]] == [prompt]  # kept as typed there too
+    others = [s for key, value in saved.items() if key not in ("prompt", "segments") for s in _strings(value)]
+    others += [s for segment in saved["segments"] for key, value in segment.items() if key != "prompt"
+               for s in _strings(value)]
     assert not [s for s in others if str(home) in s or str(root) in s or Path(s).is_absolute()]
     assert secret not in text
     assert saved["model"]["id"] == "models/my-i2vgen-xl"
