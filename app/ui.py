@@ -348,7 +348,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
                                  interactive=False, height=420, elem_id="output-video")
                 extend_btn = gr.Button(L("extend"), size="sm", elem_id="extend-btn")
                 export_files = gr.File(label=L("exports"), file_count="multiple", interactive=False,
-                                       elem_id="export-files")
+                                       elem_id="export-files", visible=False)  # shown when a video has exports
                 info = gr.Markdown(L("info_empty"), elem_id="run-info")
                 with gr.Accordion(L("details"), open=False):
                     details = gr.JSON(elem_id="details")
@@ -407,7 +407,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             segs = meta.get("segments") or []
             return (str(path), info_md, meta, value("prompt"), value("negative_prompt"), value("resolution"),
                     value("num_frames"), value("fps"), value("steps"), value("guidance_scale"), value("seed"), None,
-                    restored_image, str(path), _export_paths(path, meta),
+                    restored_image, str(path), _shown_exports(path, meta),
                     max(1, len(segs)), meta.get("crossfade") or 0)
 
         gallery.select(load_from_history, [history_paths],
@@ -499,7 +499,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             video_path, info_md, details_ = make_video(image, prompt, negative_prompt, video_values, seed,
                                                         request, progress, segments=segments, crossfade=crossfade,
                                                         exports=_page_exports(smooth, kinds))
-            return (video_path, info_md, details_, details_["seed"], _export_paths(Path(video_path), details_),
+            return (video_path, info_md, details_, details_["seed"], _shown_exports(Path(video_path), details_),
                     video_path)
 
         def extend_in_page(shown: str | None, prompt: str, crossfade: float, smooth: int, kinds: list[str],
@@ -514,7 +514,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             video_path, info_md, details_ = make_video(None, prompt, None, {}, None, request, progress,
                                                         extend_from=Path(shown).name, crossfade=crossfade,
                                                         exports=_page_exports(smooth, kinds))
-            return (video_path, info_md, details_, details_["seed"], _export_paths(Path(video_path), details_),
+            return (video_path, info_md, details_, details_["seed"], _shown_exports(Path(video_path), details_),
                     video_path)
 
         page_outputs = [video, info, details, last_seed, export_files, current_video]
@@ -576,21 +576,33 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
         # A raw HTTP caller (POST /gradio_api/call/generate, or a script that joins the queue with the page's
         # Generate event) may send only the nine values up to seed that both took before the longer-video and
         # output options: the rest take their components' values (None for /generate: the service's defaults).
-        check_inputs = demo.validate_inputs
+        # Gradio has no public hook for this: its own input check is wrapped. A Gradio without that method keeps
+        # its plain check (such a caller then has to send every value).
+        check_inputs = getattr(demo, "validate_inputs", None)
 
         def validate_inputs(block_fn: Any, inputs: list[Any]) -> None:
-            wanted = len(block_fn.inputs)
-            if block_fn.name in GENERATE_EVENTS and GENERATE_FIRST_INPUTS <= len(inputs) < wanted:
-                inputs.extend(getattr(block, "value", None) for block in block_fn.inputs[len(inputs):])
+            block_inputs = getattr(block_fn, "inputs", None) or []
+            if (getattr(block_fn, "name", None) in GENERATE_EVENTS
+                    and GENERATE_FIRST_INPUTS <= len(inputs) < len(block_inputs)):
+                inputs.extend(getattr(block, "value", None) for block in block_inputs[len(inputs):])
             check_inputs(block_fn, inputs)
 
-        demo.validate_inputs = validate_inputs  # type: ignore[method-assign]
+        if callable(check_inputs):
+            demo.validate_inputs = validate_inputs  # type: ignore[method-assign]
     return demo
 
 
 def _page_exports(smooth: Any, kinds: list[str] | None) -> list[str]:
     """The export kinds the page's output options ask for."""
     return ([f"smooth{int(smooth)}"] if smooth else []) + list(kinds or [])
+
+
+def _shown_exports(video: Path, meta: dict[str, Any]) -> Any:
+    """The page's exported-files list for `video`: its files, and hidden when there are none."""
+    import gradio as gr
+
+    paths = _export_paths(video, meta)
+    return gr.File(value=paths, visible=bool(paths))
 
 
 def _export_paths(video: Path, meta: dict[str, Any]) -> list[str] | None:
