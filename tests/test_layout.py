@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Each layer may import the layers after it, never one before it. The speedups sit beside the core: they may
-# import it, the core never imports them (the loader may, lazily, only where they can act).
-ORDER = ["app.cli", "app.ui", "app.service", "app.engine", "app.video"]
+# Each layer may import the layers after it, never one before it (the exports of a finished video sit just above
+# the writer). The speedups sit beside the core: they may import it, the core never imports them (the loader
+# may, lazily, only where they can act).
+ORDER = ["app.cli", "app.ui", "app.service", "app.engine", "app.exports", "app.video"]
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
