@@ -210,10 +210,13 @@ def check_prompt(prompt: Any, limits: Limits, *, name: str = "prompt", allow_emp
 # Numbers -----------------------------------------------------------------------------------------
 
 _NAMES_ZH = {"resolution": "分辨率", "num_frames": "帧数", "fps": "帧率 (FPS)", "steps": "推理步数",
-             "guidance_scale": "引导系数", "seed": "种子"}
+             "guidance_scale": "引导系数", "seed": "种子", "segments": "段数", "crossfade": "交叉淡化帧数"}
 
 
-def _number(name: str, value: Any, *, integer: bool, lo: float, hi: float) -> float | int:
+def _number(name: str, value: Any, *, integer: bool, lo: float, hi: float, why: str = "",
+            why_zh: str = "") -> float | int:
+    """`value` as a finite number of the right kind within [lo, hi]; `why` and `why_zh` say where the range
+    comes from, after it."""
     zh = _NAMES_ZH[name]
     bad_type = isinstance(value, bool) or not isinstance(value, numbers.Real)
     if bad_type:
@@ -227,9 +230,14 @@ def _number(name: str, value: Any, *, integer: bool, lo: float, hi: float) -> fl
     else:
         value = float(value)
     if not lo <= value <= hi:
-        raise InputError(f"{name} is {value}, outside the allowed range {lo}–{hi}.",
-                         f"{zh}为 {value},超出允许范围 {lo}–{hi}。")
+        raise InputError(f"{name} is {value}, outside the allowed range {lo}–{hi}{why}.",
+                         f"{zh}为 {value},超出允许范围 {lo}–{hi}{why_zh}。")
     return value
+
+
+def check_whole(name: str, value: Any, lo: int, hi: int, why: str = "", why_zh: str = "") -> int:
+    """A whole number within [lo, hi] (segments, crossfade), refused as the video numbers are."""
+    return int(_number(name, value, integer=True, lo=lo, hi=hi, why=why, why_zh=why_zh))
 
 
 def check_video(values: Mapping[str, Any], limits: Limits) -> VideoParams:

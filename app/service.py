@@ -34,7 +34,7 @@ from app.errors import (
     ModelNotReadyError,
     OutOfMemoryError,
 )
-from app.inputs import MAX_SEED, check_prompt, check_seed, check_video, load_image
+from app.inputs import MAX_SEED, check_prompt, check_seed, check_video, check_whole, load_image
 from app.video import (
     VideoEntry,
     VideoFile,
@@ -264,16 +264,6 @@ def read_frames(path: Path) -> np.ndarray:
     return np.stack(frames)
 
 
-def _whole_number(name: str, name_zh: str, value: Any, lo: int, hi: int, why: str = "", why_zh: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-        raise InputError(f"{name} must be a whole number, got {value!r}.", f"{name_zh}必须是整数,收到的是 {value!r}。")
-    value = int(value)
-    if not lo <= value <= hi:
-        raise InputError(f"{name} is {value}, outside the allowed range {lo}–{hi}{why}.",
-                         f"{name_zh}为 {value},超出允许范围 {lo}–{hi}{why_zh}。")
-    return value
-
-
 def parse_exports(value: Any) -> list[str]:
     """The export kinds asked for (a list, or a comma-separated text), checked against app.exports."""
     if value is None or value == "" or value == []:
@@ -480,14 +470,14 @@ class GenerationService:
                              f"{source.name} 已有 {done} 段,已达上限(limits.max_segments = {lim.max_segments})。")
         why = f" (limits.max_segments = {lim.max_segments}" + (f", {done} already made)" if done else ")")
         why_zh = f"(limits.max_segments = {lim.max_segments}" + (f",已有 {done} 段)" if done else ")")
-        segments = _whole_number("segments", "段数", 1 if req.segments is None else req.segments, 1, most, why, why_zh)
+        segments = check_whole("segments", 1 if req.segments is None else req.segments, 1, most, why, why_zh)
         joins = segments - 1 + (1 if done else 0)
         top = min(lim.max_crossfade_frames, video.num_frames - 1) if joins else lim.max_crossfade_frames
-        crossfade = _whole_number("crossfade", "交叉淡化帧数", 0 if req.crossfade is None else req.crossfade, 0, top,
-                                  f" (limits.max_crossfade_frames = {lim.max_crossfade_frames}, and fewer than "
-                                  f"the {video.num_frames} frames of a segment)",
-                                  f"(limits.max_crossfade_frames = {lim.max_crossfade_frames},且须少于每段的 "
-                                  f"{video.num_frames} 帧)")
+        crossfade = check_whole("crossfade", 0 if req.crossfade is None else req.crossfade, 0, top,
+                                f" (limits.max_crossfade_frames = {lim.max_crossfade_frames}, and fewer than "
+                                f"the {video.num_frames} frames of a segment)",
+                                f"(limits.max_crossfade_frames = {lim.max_crossfade_frames},且须少于每段的 "
+                                f"{video.num_frames} 帧)")
         prompts = [prompt] * segments
         if req.segment_prompts is not None:
             given = req.segment_prompts
