@@ -115,6 +115,7 @@ class Plan:
     exports: list[str]
     source: Path | None = None  # the video an extend continues
     source_meta: dict = field(default_factory=dict)
+    source_frames: np.ndarray | None = None  # its frames, read once: the last is the next segment's input
 
 
 @dataclass
@@ -437,10 +438,11 @@ class GenerationService:
         plan = self._plan(req, prompt, video, done, source, source_meta)
         if source is not None:
             try:
-                image = Image.fromarray(read_frames(source)[-1])
+                plan = replace(plan, source_frames=read_frames(source))
             except Exception as exc:
                 raise InputError(f"{source.name} could not be read as a video ({exc}).",
                                  f"无法读取视频 {source.name}({exc})。") from None
+            image = Image.fromarray(plan.source_frames[-1])
             if image.size != (video.resolution, video.resolution):
                 raise InputError(f"{source.name} is {image.size[0]}×{image.size[1]}: only the app's square videos "
                                  "can be extended.", f"{source.name} 的尺寸为 {image.size[0]}×{image.size[1]}:"
@@ -539,7 +541,7 @@ class GenerationService:
         entries: list[dict[str, Any]] = []
         frames: np.ndarray | None = None
         if source is not None:
-            frames = read_frames(source)
+            frames = plan.source_frames
             entries = [dict(e) for e in source_meta.get("segments") or []] or [
                 {"index": 1, "seed": source_meta.get("seed"), "prompt": source_meta.get("prompt"), "input": "image"}]
         done = len(entries)
