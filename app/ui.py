@@ -598,18 +598,14 @@ def _page_exports(smooth: Any, kinds: list[str] | None) -> list[str]:
 
 
 def _shown_exports(video: Path, meta: dict[str, Any]) -> Any:
-    """The page's exported-files list for `video`: its files, and hidden when there are none."""
+    """The page's exported-files list for `video`: the files beside it that its metadata names, hidden when
+    there are none."""
     import gradio as gr
 
-    paths = _export_paths(video, meta)
-    return gr.File(value=paths, visible=bool(paths))
-
-
-def _export_paths(video: Path, meta: dict[str, Any]) -> list[str] | None:
-    """The exported files beside `video` that its metadata names, for the page's file list."""
     found = [video.with_name(name) for name in (meta.get("exports") or {}).values()
              if isinstance(name, str) and Path(name).name == name]
-    return [str(path) for path in found if path.is_file()] or None
+    paths = [str(path) for path in found if path.is_file()] or None
+    return gr.File(value=paths, visible=bool(paths))
 
 
 def _generate_with_progress(service: GenerationService, req: GenerationRequest, cancel: threading.Event,
