@@ -254,8 +254,18 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
     import threading
 
     threading.Thread(target=report_model_state, name="model-report", daemon=True).start()
-    run_server(service, settings, host=settings.server.host, port=settings.server.port, share=args.share,
-               auth=auth, mcp=args.mcp, block=True)
+    from app.jobqueue import JobQueue
+    from app.jobs.store import state_text
+
+    jobs = JobQueue(service, settings)
+    for job in jobs.start():
+        _say("INFO", f"Job {job.id} was running when the app stopped: now {job.state.value}. / "
+                     f"任务 {job.id} 在程序停止时正在运行:现为 {state_text(job.state, 'zh')}。")
+    try:
+        run_server(service, settings, host=settings.server.host, port=settings.server.port, share=args.share,
+                   auth=auth, mcp=args.mcp, block=True, jobs=jobs)
+    finally:
+        jobs.stop()  # a running job goes back to the queue, to run again at the next start
     return 0
 
 

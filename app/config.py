@@ -114,6 +114,33 @@ class ExportSettings(_Section):
     webm_crf: int = Field(32, ge=0, le=63, description="VP9 quality: lower is better and larger")
 
 
+class ServiceSettings(_Section):
+    """The job queue (app.jobqueue): where its jobs are kept and which backend runs them."""
+
+    backend: Literal["local", "celery"] = Field(
+        "local", description="local: one worker thread on this machine's GPU; celery: GPU workers through Celery")
+    database: str = Field(".queue/jobs.sqlite3", description="the queue's SQLite file; a relative path is taken "
+                                                             "from the outputs folder (paths.outputs)")
+    max_attempts: int = Field(2, ge=1, description="a job whose run stopped the app (or a worker) this many times "
+                                                   "is marked failed instead of being run again")
+    # The celery backend (docs/scale-out.md). The broker must be Redis: cancel flags and attempt counters live there.
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="celery: the Redis server the front end and "
+                            "the workers share, redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)")
+    visibility_timeout_s: int = Field(21600, ge=60, description="celery: a job a worker took and has not finished "
+                                      "after this long is given to another worker; keep it above the longest job")
+    result_expires_s: int = Field(3600, ge=60, description="celery: how long a finished job's video waits in Redis "
+                                  "for the front end to collect it")
+    max_result_mb: float = Field(24.0, gt=0, description="celery: the largest video a worker sends back; it "
+                                 "travels through Redis as base64, a third larger")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://")):
+            raise ValueError("the broker must be Redis: redis://[:PASSWORD@]HOST:PORT/DB or rediss://...")
+        return value
+
+
 class SpeedupSettings(_Section):
     """The optional speedups (app.speedups). Only the first three are in config.yaml; docs/performance.md
     explains the rest, which stay at their defaults unless a study needs them changed."""
@@ -150,6 +177,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "logging": LoggingSettings,
     "speedups": SpeedupSettings,
     "exports": ExportSettings,
+    "service": ServiceSettings,
 }
 DEMO_DEFAULTS = VideoParams(resolution=128, num_frames=8, steps=10)
 
@@ -168,12 +196,20 @@ class Settings(BaseModel):
     logging: LoggingSettings = LoggingSettings()
     speedups: SpeedupSettings = SpeedupSettings()
     exports: ExportSettings = ExportSettings()
+    service: ServiceSettings = ServiceSettings()
     root: Path = PROJECT_ROOT
 
     def path(self, name: str) -> Path:
         """Absolute path of a configured folder (outputs, logs, models)."""
         value = Path(getattr(self.paths, name)).expanduser()
         return value if value.is_absolute() else self.root / value
+
+    @property
+    def queue_database(self) -> Path:
+        """The job queue's SQLite file. Relative to the outputs folder, so the queue (and its input copies)
+        lives with the videos it makes and follows paths.outputs."""
+        value = Path(self.service.database).expanduser()
+        return value if value.is_absolute() else self.path("outputs") / value
 
     @property
     def model_local_dir(self) -> Path:

@@ -84,6 +84,7 @@ class GenerationRequest:
     crossfade: Any = 0  # frames blended where two segments meet
     exports: Any = None  # kinds of app.exports.EXPORT_KINDS (a list or a comma-separated text)
     extend_from: Any = None  # the name of a video in outputs/ to continue by `segments` more segments
+    job_id: str | None = None  # the queue's job this run is (app.jobqueue); kept in the metadata as "job_id"
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], image: Any) -> "GenerationRequest":
@@ -605,6 +606,8 @@ class GenerationService:
                 "versions": _library_versions(),
                 "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
             }
+            if req.job_id is not None:  # which queued job made this video: a restarted queue never makes it twice
+                metadata["job_id"] = str(req.job_id)
             # No absolute path (it names the user's home) in a file that is shared with the video.
             metadata = {key: value if key in USER_TEXT or key == "segments" else portable(value, self.settings.root)
                         for key, value in metadata.items()}

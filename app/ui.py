@@ -7,7 +7,8 @@ GRADIO_ANALYTICS_ENABLED is set. State is per browser session (gr.State, or keye
 session hash); the one shared object is the service, which runs one GPU job at a time.
 
 Public API (gradio_client or MCP): `/generate` and `/cancel`, see docs/ui-and-api.md. Extend (continue a
-finished video by one segment) is a private event of the page.
+finished video by one segment) is a private event of the page. With a job queue (app.jobqueue.JobQueue) the
+page also has the queue panel and the batch, and the API `/submit_job`, `/job_status` and `/cancel_job`.
 """
 
 import html
@@ -17,7 +18,9 @@ import os
 import tempfile
 import threading
 import time
+import urllib.parse
 from abc import ABCMeta
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +28,15 @@ from app.config import Settings
 from app.errors import AppError, CancelledError, InputError
 from app.examples import example_files
 from app.inputs import MAX_SEED
+from app.jobs.store import Job, JobState
 from app.service import GenerationRequest, GenerationResult, GenerationService, Message, portable
 from app.ui_strings import STRINGS, duration, request_lang, text, translations
 from app.video import read_metadata
 
 if TYPE_CHECKING:
     import gradio as gr
+
+    from app.jobqueue import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,10 @@ GPU_QUEUE = "gpu"  # concurrency group of every event that generates
 GENERATE_FIRST_INPUTS = 9  # /generate's parameters up to seed; the ones after it may be left out
 GENERATE_EVENTS = ("generate", "generate_in_page")  # the functions of /generate and of the Generate button
 CANCEL_NOTE_S = 10  # seconds the "cancelled" note stays; errors stay until the user closes them
+QUEUE_POLL_S = 1.0  # how often each open page refreshes the queue panel (unchanged tables are not sent)
+QUEUE_FINISHED_SHOWN = 10  # finished jobs listed after the waiting and running ones, newest first
+QUEUE_PROMPT_CHARS = 60  # a longer prompt is cut in the queue table (the whole one is its tooltip)
+JOB_EVENTS = ("submit_job",)  # takes /generate's inputs, so the nine-value rule below applies to it too
 
 CSS = """
 #status-bar .i2v-status { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
@@ -56,6 +66,31 @@ CSS = """
 #generate-btn, #cancel-btn { min-height: 48px; font-size: 1.05em; }
 #run-info { min-height: 5em; }
 #crop-preview img { width: 100%; height: 100%; object-fit: contain; }
+#queue-table table { width: 100%; border-collapse: collapse; font-size: 0.92em; }
+#queue-table th, #queue-table td { padding: 5px 8px; border-bottom: 1px solid var(--border-color-primary);
+  text-align: left; vertical-align: middle; }
+#queue-table .bar { width: 120px; height: 8px; border-radius: 4px; background: var(--border-color-primary);
+  overflow: hidden; display: inline-block; vertical-align: middle; margin-right: 6px; }
+#queue-table .bar > span { display: block; height: 100%; background: #4f46e5; }
+#queue-table .state { border-radius: 999px; padding: 1px 9px; white-space: nowrap;
+  border: 1px solid var(--border-color-primary); }
+#queue-table .state.running { border-color: #e0a800; }
+#queue-table .state.done { border-color: #22a06b; }
+#queue-table .state.failed { border-color: #d93f3f; color: #b42318; }
+#queue-table .attempt, #queue-table .step { opacity: 0.8; font-size: 0.92em; }
+#queue-table .error { color: #b42318; }
+#queue-table button { border: 1px solid var(--border-color-primary); border-radius: 6px; padding: 2px 10px;
+  background: var(--button-secondary-background-fill); cursor: pointer; }
+#queue-table .empty { opacity: 0.8; padding: 8px 0; }
+"""
+
+# The queue table's buttons (one per row) send their action and job id to queue_action(). One listener on the
+# component's root: the table is re-rendered inside it on every change.
+QUEUE_TABLE_JS = """
+element.addEventListener('click', (event) => {
+  const button = event.target.closest('button[data-action]');
+  if (button) trigger('click', {action: button.dataset.action, job: button.dataset.job});
+});
 """
 
 
@@ -232,6 +267,139 @@ def _history_items(service: GenerationService) -> tuple[list[tuple[str, str]], l
     return items, paths
 
 
+# The queue ---------------------------------------------------------------------------------------
+
+def shown_attempt(job: Job) -> int:
+    """Which run of the job this is (running or ended) or will be (waiting): a job put back in the queue after
+    the app stopped during its run waits for its second attempt."""
+    return job.attempts + (1 if job.state is JobState.QUEUED else 0)
+
+
+def queue_positions(jobs: Sequence[Job]) -> dict[str, int]:
+    """The 1-based places of the waiting jobs of a list in queue order (as JobStore.position counts them)."""
+    waiting = [job for job in jobs if job.state is JobState.QUEUED]
+    return {job.id: i for i, job in enumerate(waiting, start=1)}
+
+
+def job_state_label(job: Job, lang: str) -> str:
+    if job.state is JobState.RUNNING and job.cancel_requested:
+        return text("job_cancelling", lang)
+    return text(f"job_{job.state.value}", lang)
+
+
+def job_text(job: Job, lang: str) -> str:
+    """The job's step text in `lang` ('Step 3/10 · about 5 s left'), empty while it waits."""
+    return job.progress_zh if lang == "zh" else job.progress_en
+
+
+def job_error(job: Job, lang: str) -> str | None:
+    return (job.error_zh or job.error_en) if lang == "zh" else job.error_en
+
+
+def file_url(path: Path) -> str:
+    """The page-relative URL Gradio serves a file of outputs/ at (run_server allows that folder only)."""
+    return "gradio_api/file=" + urllib.parse.quote(str(path.resolve()))
+
+
+def render_queue(jobs: Sequence[Job], lang: str, outputs: Path) -> str:
+    """The queue table (HTML): the waiting and running jobs in queue order, then the last finished ones, newest
+    first. Each row: place in the queue, id, prompt, state (and attempt), progress, time left, the video or the
+    error, and its action (cancel a waiting or running job, retry a failed or cancelled one)."""
+    active = [job for job in jobs if not job.finished]
+    ended = sorted((job for job in jobs if job.finished), key=lambda job: (job.finished_at or 0, job.seq),
+                   reverse=True)[:QUEUE_FINISHED_SHOWN]
+    if not active and not ended:
+        return f'<div class="empty">{html.escape(text("queue_empty", lang))}</div>'
+    positions = queue_positions(jobs)
+    heads = "".join(f"<th>{html.escape(text('queue_col_' + key, lang))}</th>"
+                    for key in ("position", "job", "prompt", "state", "progress", "eta", "result"))
+    rows = [_queue_row(job, positions.get(job.id), lang, outputs) for job in (*active, *ended)]
+    return f'<table><thead><tr>{heads}<th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _queue_row(job: Job, position: int | None, lang: str, outputs: Path) -> str:
+    esc = html.escape
+    prompt = str(job.params.get("prompt") or "")
+    short = prompt if len(prompt) <= QUEUE_PROMPT_CHARS else prompt[:QUEUE_PROMPT_CHARS - 1] + "…"
+    state = f'<span class="state {job.state.value}">{esc(job_state_label(job, lang))}</span>'
+    if shown_attempt(job) > 1:
+        state += f' <span class="attempt">{esc(text("job_attempt", lang, n=shown_attempt(job)))}</span>'
+    progress = eta = result = action = ""
+    if job.state in (JobState.RUNNING, JobState.DONE):
+        pct = round(100 * job.progress)
+        step = job_text(job, lang) if job.state is JobState.RUNNING else ""
+        progress = (f'<span class="bar"><span style="width: {pct}%"></span></span>{pct}%'
+                    + (f' <span class="step">{esc(step)}</span>' if step else ""))
+    if job.state is JobState.RUNNING and job.eta_s is not None:
+        eta = esc(duration(job.eta_s, lang))
+    if job.state is JobState.DONE and job.result:
+        result = f'<a href="{esc(file_url(outputs / job.result))}" target="_blank">{esc(job.result)}</a>'
+    elif job.state in (JobState.FAILED, JobState.CANCELLED):
+        result = f'<span class="error">{esc(job_error(job, lang) or "")}</span>'
+    if job.state is JobState.QUEUED or (job.state is JobState.RUNNING and not job.cancel_requested):
+        action = f'<button data-action="cancel" data-job="{esc(job.id)}">{esc(text("job_cancel", lang))}</button>'
+    elif job.state in (JobState.FAILED, JobState.CANCELLED):
+        action = f'<button data-action="retry" data-job="{esc(job.id)}">{esc(text("job_retry", lang))}</button>'
+    cells = [str(position or ""), f"<code>{esc(job.id)}</code>", f'<span title="{esc(prompt)}">{esc(short)}</span>',
+             state, progress, eta, result, action]
+    return (f'<tr data-job="{esc(job.id)}" data-state="{job.state.value}">'
+            + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+
+
+def job_info(job: Job, position: int | None, lang: str) -> dict[str, Any]:
+    """A job as /job_status and /cancel_job return it: plain JSON, texts in `lang`."""
+    return {"id": job.id, "state": job.state.value, "position": position, "progress": round(job.progress, 4),
+            "text": job_text(job, lang), "eta_s": None if job.eta_s is None else round(job.eta_s, 1),
+            "attempts": job.attempts, "cancel_requested": job.cancel_requested,
+            "prompt": job.params.get("prompt"), "video": job.result, "error": job_error(job, lang)}
+
+
+def _both(key: str, **values: Any) -> InputError:
+    """The UI string `key` as a bilingual InputError."""
+    return InputError(text(key, "en", **values), text(key, "zh", **values))
+
+
+def parse_seeds(value: str | None) -> list[int]:
+    """'1, 2 3' -> [1, 2, 3]; empty: []. Whole numbers only; their range is the service's to check."""
+    seeds = []
+    for part in (value or "").replace(",", " ").replace(",", " ").split():
+        try:
+            seeds.append(int(part))
+        except ValueError:
+            raise _both("batch_bad_seed", value=part) from None
+    return seeds
+
+
+def batch_requests(files: Sequence[Any] | None, prompts: str | None, seeds: str | None,
+                   base: GenerationRequest) -> list[tuple[str, GenerationRequest]]:
+    """The batch's jobs, (the image's file name, its request), in upload order and, per image, seed order.
+    `base` holds the page's settings; its prompt and seed are used where the batch gives none. Only the
+    batch's own shape is checked here (images given, prompt lines, seeds are numbers): see queue_batch."""
+    paths = [Path(str(getattr(f, "path", f))) for f in files or []]
+    if not paths:
+        raise _both("batch_no_images")
+    lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()] or [base.prompt]
+    if len(lines) not in (1, len(paths)):
+        raise _both("batch_prompt_lines", lines=len(lines), images=len(paths))
+    per_image = lines * len(paths) if len(lines) == 1 else lines
+    seed_list = parse_seeds(seeds) or [base.seed]
+    return [(path.name, replace(base, image=str(path), prompt=prompt, seed=seed))
+            for path, prompt in zip(paths, per_image) for seed in seed_list]
+
+
+def queue_batch(jobs: "JobQueue", service: GenerationService, entries: Sequence[tuple[str, GenerationRequest]],
+                owner: str = "") -> list[Job]:
+    """Queue every request of a batch, or none: each is checked by the service first (image, prompt, numbers),
+    and the first bad one refuses the whole batch with its error, naming its file."""
+    for name, req in entries:
+        try:
+            service.resolve(req)
+        except AppError as exc:
+            raise InputError(text("batch_bad_file", "en", name=name, error=exc.en),
+                             text("batch_bad_file", "zh", name=name, error=exc.zh)) from None
+    return [jobs.submit(req, owner) for _, req in entries]
+
+
 # The page ----------------------------------------------------------------------------------------
 
 def _checked_by_service(component_cls: type, unwrap: Any = None) -> type:
@@ -256,8 +424,9 @@ def _checked_by_service(component_cls: type, unwrap: Any = None) -> type:
     return ABCMeta.__new__(type(component_cls), name, (component_cls,), attrs)
 
 
-def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
-    """The Gradio page around `service`. Launch it with run_server(), which adds the translations."""
+def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -> "gr.Blocks":
+    """The Gradio page around `service` (and the job queue `jobs`, an app.jobqueue.JobQueue, if given).
+    Launch it with run_server(), which adds the translations."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -265,7 +434,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
     ImageUpload = _checked_by_service(gr.Image, unwrap=lambda payload: payload.path)
     L = gr.I18n(**translations(settings))  # L(key) is a key the browser translates
     lim, dflt = settings.limits, settings.defaults
-    jobs = CancelRegistry()
+    runs = CancelRegistry()  # the running /generate, Generate and Extend calls, by owner
     logs_dir = portable(settings.path("logs"), settings.root)  # what a visitor may see: no absolute path
     default_values = tuple(dflt.video().model_dump().values())
 
@@ -454,7 +623,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             the request's segments, crossfade, exports and extend_from."""
             lang = request_lang(request)
             owner = job_owner(request)
-            cancel = jobs.open(owner)
+            cancel = runs.open(owner)
             req = GenerationRequest(image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                                     video={k: v for k, v in video_values.items() if v is not None},
                                     **{k: v for k, v in more.items() if v is not None})
@@ -467,7 +636,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
                 log.exception("generate failed")
                 raise unexpected_error(exc, lang, logs_dir) from None
             finally:
-                jobs.close(owner, cancel)
+                runs.close(owner, cancel)
             notes = [w.text(lang) for w in result.warnings]
             details_ = {**result.metadata, "file": result.video_path.name}
             return (str(result.video_path), render_info(result.metadata, result.video_path.name, lang, notes),
@@ -557,7 +726,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
 
         def cancel(request: gr.Request) -> str:
             """Cancel this client's running generation: it stops after the current step and writes no file."""
-            running = jobs.cancel(job_owner(request))
+            running = runs.cancel(job_owner(request))
             return text("cancel_requested" if running else "cancel_nothing", request_lang(request))
 
         # `cancels` drops a job still waiting in the queue; the events above stop a running one.
@@ -568,7 +737,7 @@ def build_ui(service: GenerationService, settings: Settings) -> "gr.Blocks":
             """A closed or reloaded tab (or a closed gradio_client) cancels its running job, as Cancel does:
             nobody is left to receive the video, and the GPU is free for the next in the queue at once.
             (Gradio itself drops the session's jobs that still wait in the queue.)"""
-            if jobs.cancel(job_owner(request)):
+            if runs.cancel(job_owner(request)):
                 log.info("a client left during its run; the run is cancelled")
 
         demo.unload(cancel_when_the_page_closes)
@@ -650,7 +819,7 @@ def _lan_address() -> str | None:
 
 
 def run_server(service: GenerationService, settings: Settings, *, host: str, port: int, share: bool = False,
-               auth: tuple[str, str] | None = None, mcp: bool = False, block: bool = True) -> Any:
+               auth: tuple[str, str] | None = None, mcp: bool = False, block: bool = True, jobs: Any = None) -> Any:
     """Launch the UI with the safe defaults; block until Ctrl+C, or return the Blocks if block=False."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     if mcp and importlib.util.find_spec("mcp") is None:
@@ -664,7 +833,7 @@ def run_server(service: GenerationService, settings: Settings, *, host: str, por
 
     outputs = settings.path("outputs").resolve()
     outputs.mkdir(parents=True, exist_ok=True)
-    demo = build_ui(service, settings)
+    demo = build_ui(service, settings, jobs=jobs)
     demo.queue(default_concurrency_limit=1, max_size=settings.server.max_queue_size, api_open=False)
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate",
                            font=["ui-sans-serif", "system-ui", "Noto Sans CJK SC", "sans-serif"],
