@@ -1,4 +1,4 @@
-"""Command line: `python -m app serve | generate | download | diagnose`.
+"""Command line: `python -m app serve | generate | batch | jobs | download | diagnose`.
 
 The CLI only parses arguments, builds the settings and the service, and maps errors to exit
 codes (app/errors.py). Heavy imports happen inside the commands, never at import time.
@@ -16,11 +16,13 @@ from typing import Any, Sequence
 
 from app.errors import (
     EXIT_BAD_INPUT,
+    EXIT_CANCELLED,
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNEXPECTED,
     AppError,
+    ModelNotReadyError,
 )
 
 log = logging.getLogger("app.cli")
@@ -119,7 +121,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     diag = sub.add_parser("diagnose", help="check Python, torch, GPU, driver and disk, and suggest fixes")
     diag.add_argument("--config", type=Path, help="another config file")
+
+    batch = sub.add_parser("batch", help="queue one video per image of a folder (and per seed), then make them",
+                           epilog=BATCH_HELP + "\n\n" + EXIT_CODES_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_flags(batch)
+    batch.add_argument("folder", type=Path, help="a folder of images (png, jpg, jpeg, webp, bmp), taken in name order")
+    batch.add_argument("--prompt", help="the prompt of every image that has none in the prompts file")
+    batch.add_argument("--prompts", type=Path, metavar="FILE",
+                       help="a CSV (image,prompt[,seed][,negative_prompt]) or a text file of prompts (default: "
+                            "prompts.csv or prompts.txt in the folder)")
+    batch.add_argument("--seeds", help="comma-separated seeds: one video per image and seed (default: defaults.seed)")
+    batch.add_argument("--negative-prompt", help="what the videos should not show (default from the config)")
+    batch.add_argument("--preset", help="fast, standard or high (values not given below come from it)")
+    batch.add_argument("--resolution", type=_number_arg, help="output side in pixels, a multiple of 64")
+    batch.add_argument("--frames", type=_number_arg, dest="num_frames", help="number of frames")
+    batch.add_argument("--fps", type=_number_arg, help="frames per second")
+    batch.add_argument("--steps", type=_number_arg, help="denoising steps")
+    batch.add_argument("--guidance", type=_number_arg, dest="guidance_scale", help="guidance scale")
+    batch.add_argument("--segments", type=_number_arg, help="segments per video (default 1)")
+    batch.add_argument("--crossfade", type=_number_arg, help="frames blended where two segments meet (default 0)")
+    batch.add_argument("--smooth", type=int, choices=[2, 4], help="also export a smoother MP4 with 2× or 4× the frames")
+    batch.add_argument("--loop", action="store_true", help="also export a forward-then-backward looping MP4")
+    batch.add_argument("--export", metavar="KINDS", help="also export these, comma-separated: gif, webm, frames")
+    batch.add_argument("--no-wait", action="store_true",
+                       help="only queue the jobs and print their ids: a running app (python -m app serve) makes them")
+    batch.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    jobs = sub.add_parser("jobs", help="list the job queue, cancel or retry a job, clear finished jobs",
+                          epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    jobs.add_argument("action", nargs="?", default="list", choices=["list", "cancel", "retry", "clear"],
+                      help="list (default), cancel ID, retry ID, or clear (removes done, failed and cancelled jobs)")
+    jobs.add_argument("job_id", nargs="?", metavar="ID", help="the job to cancel or retry")
+    jobs.add_argument("--config", type=Path, help="another config file")
     return parser
+
+
+BATCH_HELP = """prompts file (FOLDER/prompts.csv or FOLDER/prompts.txt, or --prompts FILE):
+  CSV:  image,prompt[,seed][,negative_prompt] with that first row; one video per row
+  text: one prompt a line for the images in name order, or `name.png: prompt` lines
+  an image without a prompt there takes --prompt
+every image is checked before anything is queued: one bad image or prompt refuses the whole batch"""
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -176,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     log_file = setup_logging(settings.path("logs"), settings.logging.level, settings.logging.retention_days,
                              console=False)
-    commands = {"serve": _serve, "generate": _generate, "download": _download, "diagnose": _diagnose}
+    commands = {"serve": _serve, "generate": _generate, "download": _download, "diagnose": _diagnose,
+                "batch": _batch, "jobs": _jobs}
     try:
         return commands[args.command](args, settings)
     except AppError as exc:
@@ -338,3 +381,142 @@ def _diagnose(args: argparse.Namespace, settings: Any) -> int:
     from app import diagnose
 
     return diagnose.run(settings)
+
+
+def _batch(args: argparse.Namespace, settings: Any) -> int:
+    """Queue a folder's images; then make them here (a worker limited to these jobs), or with --no-wait leave
+    them to a running app."""
+    from app.config import VideoParams
+    from app.jobqueue import JobQueue
+    from app.jobs.batch import parse_seeds, plan_batch
+    from app.service import GenerationRequest
+
+    exports = [f"smooth{args.smooth}"] if args.smooth else []
+    exports += ["loop"] if args.loop else []
+    exports += [kind.strip() for kind in (args.export or "").split(",") if kind.strip()]
+    video = {name: getattr(args, name) for name in VideoParams.model_fields}
+    service = _make_service(args, settings)
+    queue = JobQueue(service, settings)
+    try:
+        items = plan_batch(args.folder, prompt=args.prompt, prompts_file=args.prompts, seeds=parse_seeds(args.seeds))
+        reqs = [GenerationRequest(image=item.image, prompt=item.prompt, seed=item.seed, preset=args.preset,
+                                  video=video, negative_prompt=item.negative_prompt if item.negative_prompt is not None
+                                  else args.negative_prompt, segments=1 if args.segments is None else args.segments,
+                                  crossfade=0 if args.crossfade is None else args.crossfade, exports=exports)
+                for item in items]
+        labels = [item.label for item in items]
+        queue.check(reqs, labels)  # every image and prompt, before the model loads and before anything is queued
+        if not args.no_wait:
+            service.load()
+            if service.engine is None:
+                message = service.status()["message"]
+                raise ModelNotReadyError(message.en, message.zh)
+        jobs = queue.submit_many(reqs, owner="cli", labels=labels)
+    except AppError as exc:
+        if exc.exit_code == EXIT_BAD_INPUT:
+            exc.en, exc.zh = f"{exc.en} The batch was not queued.", f"{exc.zh} 未加入任何任务。"
+        raise
+    if args.no_wait:
+        _say("SUCCESS", f"Queued {len(jobs)} jobs; a running app (python -m app serve) makes them. / "
+                        f"已加入 {len(jobs)} 个任务,由运行中的程序(python -m app serve)生成。")
+        for job, item in zip(jobs, items):
+            print(f"{job.id}\t{item.label}\t{'default' if item.seed is None else item.seed}", flush=True)
+        return EXIT_OK
+    if service.engine is not None and service.engine.demo:
+        _say("WARN", "Demo model: videos are random noise. / 演示模型:输出为噪声。")
+    queue.start(only_ids=[job.id for job in jobs])
+    try:
+        return _run_batch(args, queue, jobs, labels)
+    except KeyboardInterrupt:
+        for job in jobs:  # Ctrl+C stops the batch: its jobs must not wait for the next app that starts
+            queue.cancel(job.id)
+        raise
+    finally:
+        queue.stop()
+
+
+def _run_batch(args: argparse.Namespace, queue: Any, jobs: list, labels: list[str]) -> int:
+    """Wait for each job in order, showing its progress; print each video's path. The exit code: 0 when every
+    job is done, else 1 if one failed, 5 if one was cancelled."""
+    from tqdm import tqdm
+
+    from app.jobs.store import JobState
+
+    lang = cli_lang()
+    ended: dict[JobState, int] = {}
+    for n, (job, label) in enumerate(zip(jobs, labels), start=1):
+        head = f"[{n}/{len(jobs)}] {label}"
+        bar = None if args.quiet else tqdm(total=100, desc=head, unit="%", file=sys.stderr,
+                                           bar_format="{desc} {bar} {percentage:3.0f}%{postfix}")
+
+        def show(current: Any, bar: Any = bar) -> None:
+            if bar is not None:
+                bar.n = round(current.progress * 100)
+                bar.set_postfix_str(current.progress_zh if lang == "zh" else current.progress_en, refresh=False)
+                bar.refresh()
+
+        try:
+            final = queue.wait(job.id, on_progress=show)
+        finally:
+            if bar is not None:
+                bar.close()
+        ended[final.state] = ended.get(final.state, 0) + 1
+        if final.state is JobState.DONE:
+            path = queue.settings.path("outputs") / final.result
+            _say("SUCCESS", f"{head}: {path.name}")
+            print(path, flush=True)
+        else:
+            error = (final.error_zh if lang == "zh" else final.error_en) or final.state.value
+            _say("ERROR", f"{head}: {error}")
+    done = ended.get(JobState.DONE, 0)
+    _say("SUCCESS" if done == len(jobs) else "WARN",
+         f"{done} of {len(jobs)} videos made. / 已生成 {done}/{len(jobs)} 个视频。")
+    if ended.get(JobState.FAILED):
+        return EXIT_UNEXPECTED
+    return EXIT_CANCELLED if ended.get(JobState.CANCELLED) else EXIT_OK
+
+
+def _jobs(args: argparse.Namespace, settings: Any) -> int:
+    """`python -m app jobs [list|cancel ID|retry ID|clear]`: the queue from a terminal (no model is loaded)."""
+    from app.jobs.store import JobState, JobStore, state_text
+
+    store = JobStore(settings.queue_database, max_attempts=settings.service.max_attempts)
+    lang = cli_lang()
+    if args.action in ("cancel", "retry") and not args.job_id:
+        _say("ERROR", f"jobs {args.action} needs a job id (see python -m app jobs list). / "
+                      f"jobs {args.action} 需要任务 ID(见 python -m app jobs list)。")
+        return EXIT_BAD_INPUT
+    if args.action == "cancel":
+        job = store.request_cancel(args.job_id)
+        if job.state is JobState.RUNNING:
+            _say("SUCCESS", f"Job {job.id} stops after its current step. / 任务 {job.id} 将在当前步骤后停止。")
+        else:
+            _say("SUCCESS", f"Job {job.id}: {job.state.value}. / 任务 {job.id}:{state_text(job.state, 'zh')}。")
+        return EXIT_OK
+    if args.action == "retry":
+        job = store.retry(args.job_id)
+        _say("SUCCESS", f"Job {job.id} is queued again. / 任务 {job.id} 已重新排队。")
+        return EXIT_OK
+    if args.action == "clear":
+        removed = store.clear_finished()
+        _say("SUCCESS", f"Removed {removed} finished jobs. / 已移除 {removed} 个已结束的任务。")
+        return EXIT_OK
+    jobs = store.list(limit=1000)
+    if not jobs:
+        _say("INFO", "The queue is empty. / 队列为空。")
+        return EXIT_OK
+    place = 0
+    for job in jobs:
+        if job.state is JobState.QUEUED:
+            place += 1
+            detail = f"#{place}"
+        elif job.state is JobState.RUNNING:
+            detail = f"{job.progress:.0%} {job.progress_zh if lang == 'zh' else job.progress_en}".rstrip()
+        elif job.state is JobState.DONE:
+            detail = job.result or ""
+        else:
+            detail = (job.error_zh if lang == "zh" else job.error_en) or ""
+        prompt = str(job.params.get("prompt") or "")
+        prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+        print(f"{job.id}  {state_text(job.state, lang):<9}  {prompt:<40}  {detail}", flush=True)
+    return EXIT_OK

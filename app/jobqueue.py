@@ -153,13 +153,7 @@ class JobQueue:
                     labels: Sequence[str] | None = None) -> list[Job]:
         """Check every request, then queue them all in this order. One bad request refuses them all, before
         anything is stored; its message starts with its label (the file it came from), if given."""
-        images = []
-        for i, req in enumerate(reqs):
-            try:
-                image = self.service.resolve(req)[0]
-            except AppError as exc:
-                raise _with_label(exc, labels[i]) if labels else exc from None
-            images.append(None if req.extend_from not in (None, "") else image)
+        images = self.check(reqs, labels)
         entries = [(self._params(req), image) for req, image in zip(reqs, images)]
         for attempt in (1, 2):
             stored = [(params, self._keep_input(image) if image is not None else "") for params, image in entries]
@@ -172,6 +166,19 @@ class JobQueue:
         self.backend.wake()
         self._notify("")
         return jobs
+
+    def check(self, reqs: Sequence[GenerationRequest], labels: Sequence[str] | None = None) -> list[Any]:
+        """Check every request as the service will (service.resolve), without storing anything. Returns each
+        one's decoded input image (None for an extend). The first bad one raises its error, its message
+        starting with its label, if given."""
+        images = []
+        for i, req in enumerate(reqs):
+            try:
+                image = self.service.resolve(req)[0]
+            except AppError as exc:
+                raise _with_label(exc, labels[i]) if labels else exc from None
+            images.append(None if req.extend_from not in (None, "") else image)
+        return images
 
     @staticmethod
     def _params(req: GenerationRequest) -> dict[str, Any]:
