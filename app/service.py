@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import gc
 import logging
 import platform
 import threading
@@ -344,6 +345,10 @@ class GenerationService:
                 self._state_message = Message(f"Model ready: {engine.model_id} ({took:.1f} s)",
                                               f"模型就绪:{engine.model_id}({took:.1f} 秒)")
             log.info("model %s ready on %s in %.1f s", engine.model_id, engine.device, took)
+            # Everything loading made (the model, the compiled code, the libraries' caches) lives as long as the
+            # process: moved out of the collector's sight, the full collection after every run
+            # (gpu.release_memory) scans only what that run made.
+            gc.freeze()
         finally:
             self._ready.set()
 

@@ -832,6 +832,112 @@ def part_stability(ctx):
     ctx.save("stability", result)
 
 
+def part_notriton(ctx, res, frames):
+    """The app's default speedups with Triton hidden, as on a Windows PC without triton-windows: whatever the
+    app does then (no compile) is timed end to end on a sampler of its own over the same weights."""
+    import app.speedups.unet as accel
+
+    req = ctx.request(res, frames)
+    shared = ctx.shared_inputs(req)
+    s = ctx.sampler()
+    real = accel.has_triton
+    accel.has_triton = lambda: False
+    try:
+        report = accel.apply_accel(s, **variant_kwargs(ctx.args.speedups, ctx.out / "compile-cache"))
+        stats, out = run_ours(ctx, s, req, shared, ctx.args.runs)
+    finally:
+        accel.has_triton = real
+        accel.remove_accel(s)
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    ctx.save(f"notriton{res}", {"what": f"the app's speedups ({ctx.args.speedups}) with Triton hidden", "res": res,
+                                "frames": frames, "steps": req.steps, **stats, **_errors(ctx, res, out),
+                                "speedups": asdict(report)})
+
+
+class _Stopwatch:
+    """Seconds spent in named functions during one run: wraps them where the service looks them up."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - t
+        return timed
+
+
+class _TimedSampler:
+    """The sampler, with its calls (a whole generation on the engine) timed as "engine"."""
+
+    def __init__(self, sampler, watch):
+        self._sampler, self._call = sampler, watch.wrap("engine", sampler.__call__)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._sampler, name)
+
+
+def part_waittime(ctx):
+    """What a user waits for: the service's own total for a standard video beside the engine alone (the
+    sampler called back to back), and where the difference goes, per function of the service's run."""
+    from app import service as service_module
+    from app.engine import device as gpu_module
+    from app.service import GenerationRequest
+
+    with_speedups(ctx, ctx.args.speedups)
+    svc, real_writer = _service(ctx, "waittime")
+    res, frames = (64, 4) if ctx.args.tiny else (512, 16)
+    n = 3 if ctx.args.tiny else max(3, ctx.args.stability_runs // 2)
+    req = ctx.request(res, frames)
+    sampler = ctx.base_sampler
+    sampler(req)  # warm-up (and compile, where an earlier part did not)
+    engine_alone = []
+    for _ in range(n):
+        sync(ctx.device)
+        t = time.perf_counter()
+        sampler(req)
+        sync(ctx.device)
+        engine_alone.append(time.perf_counter() - t)
+    watch = _Stopwatch()
+    patched = [(service_module, "save_input_image"), (service_module, "_library_versions"),
+               (service_module, "update_metadata"), (gpu_module, "release_memory"), (service_module, "read_metadata")]
+    originals = [(mod, name, getattr(mod, name)) for mod, name in patched]
+    for mod, name, fn in originals:
+        setattr(mod, name, watch.wrap(name, fn))
+    svc._writer = watch.wrap("write_mp4", svc._writer)
+    svc._resolve = watch.wrap("resolve", svc._resolve)
+    svc._engine = replace(svc._engine, sampler=_TimedSampler(svc._engine.sampler, watch))
+    runs = []
+    try:
+        video = {"resolution": res, "num_frames": frames, "steps": ctx.args.steps}
+        svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, seed=0, video=video))
+        for i in range(n):
+            watch.spent = {}
+            t = time.perf_counter()
+            r = svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, seed=i + 1, video=video))
+            total = time.perf_counter() - t
+            runs.append({"wall_s": total, "service_total_s": r.timings_s["total"], **watch.spent,
+                         "unaccounted_s": total - sum(watch.spent.values())})
+    finally:
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    ctx.save("waittime", {"what": "service total vs the engine alone, and where the service's time goes (medians)",
+                          "res": res, "frames": frames, "steps": ctx.args.steps, "runs": n,
+                          "speedups": getattr(sampler, "_bench_variant", "eager"), "mp4_written": real_writer,
+                          "engine_alone_median_s": statistics.median(engine_alone), "service_median": med,
+                          "service_over_engine_and_mp4_s": med["wall_s"] - statistics.median(engine_alone)
+                          - med.get("write_mp4", 0.0), "all_runs": runs})
+
+
 def part_segments(ctx):
     """A video extended to 3 segments beside 3 single clips of the same size, through the app's service: wall
     time and peak GPU memory of each, and the allocated memory after each (it must stay flat)."""
@@ -1239,6 +1345,8 @@ PARTS = {  # name: what it measures (512: 512² x 16 frames, 768: 768² x 24 fra
     "sizeswitch": "512, 384, then 512 again with --speedups: the frames repeat and memory comes back",
     "verify512": "each speedup path vs eager fp16 on other weights than the stored graphs' (CUDA only): errors",
     "segments": "a video extended to 3 segments beside 3 single clips (512² x 16 each): time, peak memory",
+    "notriton512": "the app's --speedups with Triton hidden (a Windows PC without triton-windows): time, errors",
+    "waittime": "the service's total for standard videos beside the engine alone, and where the difference goes",
 }
 
 
@@ -1320,6 +1428,8 @@ def main() -> None:
         "sizeswitch": lambda: part_sizeswitch(ctx),
         "verify512": lambda: part_verify(ctx, 512, 16),
         "segments": lambda: part_segments(ctx),
+        "notriton512": lambda: part_notriton(ctx, 512, 16),
+        "waittime": lambda: part_waittime(ctx),
     }
     for name in names:
         t = time.perf_counter()
