@@ -1,4 +1,4 @@
-"""Command line: `python -m app serve | generate | batch | jobs | download | diagnose`.
+"""Command line: `python -m app serve | generate | batch | jobs | worker | download | diagnose`.
 
 The CLI only parses arguments, builds the settings and the service, and maps errors to exit
 codes (app/errors.py). Heavy imports happen inside the commands, never at import time.
@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only queue the jobs and print their ids: a running app (python -m app serve) makes them")
     batch.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    worker = sub.add_parser("worker", help="run queued jobs on one GPU of this machine for a front end whose "
+                                           "service.backend is celery (docs/scale-out.md)", epilog=EXIT_CODES_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_flags(worker)
+    worker.add_argument("--gpu", type=_gpu_index, metavar="N",
+                        help="the GPU this worker uses (sets CUDA_VISIBLE_DEVICES=N); start one worker per GPU. "
+                             "Each worker runs one job at a time")
+    worker.add_argument("--name", help="the worker's name in the queue (default: gpuN@HOST)")
+
     jobs = sub.add_parser("jobs", help="list the job queue, cancel or retry a job, clear finished jobs",
                           epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     jobs.add_argument("action", nargs="?", default="list", choices=["list", "cancel", "retry", "clear"],
@@ -164,6 +173,12 @@ BATCH_HELP = """prompts file (FOLDER/prompts.csv or FOLDER/prompts.txt, or --pro
 every image is checked before anything is queued: one bad image or prompt refuses the whole batch"""
 
 
+def _gpu_index(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a GPU number such as 0 or 1, got {text!r}")
+    return int(text)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {"model": {}, "server": {}, "paths": {}, "speedups": {}}
     if args.command == "generate" and not args.compile:
@@ -171,6 +186,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out["speedups"]["compile"] = "off"
     if getattr(args, "device", None):
         out["model"]["device"] = args.device
+    elif args.command == "worker" and args.gpu is not None:
+        out["model"]["device"] = "cuda"  # the one GPU CUDA_VISIBLE_DEVICES leaves visible
     if getattr(args, "low_vram", None):
         out["model"]["low_vram"] = args.low_vram
     if getattr(args, "port", None) is not None:
@@ -207,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(encoding="utf-8", errors="replace")
     _network_env(getattr(args, "offline", False))
+    if args.command == "worker" and args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)  # before anything imports torch
     from app.config import ConfigError, load_settings
 
     try:
@@ -219,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_file = setup_logging(settings.path("logs"), settings.logging.level, settings.logging.retention_days,
                              console=False)
     commands = {"serve": _serve, "generate": _generate, "download": _download, "diagnose": _diagnose,
-                "batch": _batch, "jobs": _jobs}
+                "batch": _batch, "jobs": _jobs, "worker": _worker}
     try:
         return commands[args.command](args, settings)
     except AppError as exc:
@@ -280,9 +299,21 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
                      "video in outputs/; add --auth USER:PASS. / 公开链接无需登录:任何拿到链接的人都能使用本机 GPU 并查看"
                      " outputs/ 中的所有视频,建议加上 --auth 用户名:密码。")
     service = _make_service(args, settings)
-    service.start_loading()
+    remote = settings.service.backend == "celery"  # the GPU workers load the model; this process loads none
+    if not remote:
+        service.start_loading()
     if args.model == "tiny":
         _say("WARN", "Demo model: videos are random noise. / 演示模型:输出为噪声。")
+    from app.jobqueue import JobQueue
+    from app.jobs.store import state_text
+
+    jobs = JobQueue(service, settings)
+    for job in jobs.start():  # with celery, an unreachable broker stops the start here, before the UI loads
+        _say("INFO", f"Job {job.id} was running when the app stopped: now {job.state.value}. / "
+                     f"任务 {job.id} 在程序停止时正在运行:现为 {state_text(job.state, 'zh')}。")
+    if remote:
+        queue = jobs.status()
+        _say("INFO", f"{queue['en']} / {queue['zh']}")
     from app.ui import run_server
 
     def report_model_state() -> None:
@@ -296,14 +327,8 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
 
     import threading
 
-    threading.Thread(target=report_model_state, name="model-report", daemon=True).start()
-    from app.jobqueue import JobQueue
-    from app.jobs.store import state_text
-
-    jobs = JobQueue(service, settings)
-    for job in jobs.start():
-        _say("INFO", f"Job {job.id} was running when the app stopped: now {job.state.value}. / "
-                     f"任务 {job.id} 在程序停止时正在运行:现为 {state_text(job.state, 'zh')}。")
+    if not remote:
+        threading.Thread(target=report_model_state, name="model-report", daemon=True).start()
     try:
         run_server(service, settings, host=settings.server.host, port=settings.server.port, share=args.share,
                    auth=auth, mcp=args.mcp, block=True, jobs=jobs)
@@ -417,9 +442,10 @@ def _batch(args: argparse.Namespace, settings: Any) -> int:
             exc.en, exc.zh = f"{exc.en} The batch was not queued.", f"{exc.zh} 未加入任何任务。"
         raise
     if args.no_wait:
-        _say("SUCCESS", f"Queued {len(jobs)} jobs; a running app (python -m app serve) makes them. / "
-                        f"已加入 {len(jobs)} 个任务,由运行中的程序(python -m app serve)生成。")
+        print(f"[SUCCESS] Queued {len(jobs)} jobs; a running app (python -m app serve) makes them. / "
+              f"已加入 {len(jobs)} 个任务,由运行中的程序(python -m app serve)生成。", file=sys.stderr, flush=True)
         for job, item in zip(jobs, items):
+            # stdout: one job a line, for scripts
             print(f"{job.id}\t{item.label}\t{'default' if item.seed is None else item.seed}", flush=True)
         return EXIT_OK
     if service.engine is not None and service.engine.demo:
@@ -462,15 +488,13 @@ def _run_batch(args: argparse.Namespace, queue: Any, jobs: list, labels: list[st
                 bar.close()
         ended[final.state] = ended.get(final.state, 0) + 1
         if final.state is JobState.DONE:
-            path = queue.settings.path("outputs") / final.result
-            _say("SUCCESS", f"{head}: {path.name}")
-            print(path, flush=True)
+            print(queue.settings.path("outputs") / final.result, flush=True)  # stdout: one video path a line
         else:
             error = (final.error_zh if lang == "zh" else final.error_en) or final.state.value
             _say("ERROR", f"{head}: {error}")
     done = ended.get(JobState.DONE, 0)
-    _say("SUCCESS" if done == len(jobs) else "WARN",
-         f"{done} of {len(jobs)} videos made. / 已生成 {done}/{len(jobs)} 个视频。")
+    print(f"[{'SUCCESS' if done == len(jobs) else 'WARN'}] {done} of {len(jobs)} videos made. / "
+          f"已生成 {done}/{len(jobs)} 个视频。", file=sys.stderr, flush=True)
     if ended.get(JobState.FAILED):
         return EXIT_UNEXPECTED
     return EXIT_CANCELLED if ended.get(JobState.CANCELLED) else EXIT_OK
@@ -520,3 +544,15 @@ def _jobs(args: argparse.Namespace, settings: Any) -> int:
         prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
         print(f"{job.id}  {state_text(job.state, lang):<9}  {prompt:<40}  {detail}", flush=True)
     return EXIT_OK
+
+
+def _worker(args: argparse.Namespace, settings: Any) -> int:
+    _quiet_libraries()
+    from app.logging_setup import setup_logging
+    from app.worker import run_worker
+
+    # A worker's console is its operator's only view of it: its jobs are logged there too, not only in logs/.
+    setup_logging(settings.path("logs"), settings.logging.level, settings.logging.retention_days, console=True)
+
+    return run_worker(settings, source=args.model or settings.model.source, name=args.name, gpu=args.gpu,
+                      loglevel=settings.logging.level)
