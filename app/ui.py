@@ -21,6 +21,7 @@ import time
 import urllib.parse
 from abc import ABCMeta
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from app.config import Settings
 from app.errors import AppError, CancelledError, InputError
 from app.examples import example_files
 from app.inputs import MAX_SEED
-from app.jobs.store import Job, JobState
+from app.jobs.store import Job, JobState, unknown_job
 from app.service import GenerationRequest, GenerationResult, GenerationService, Message, portable
 from app.ui_strings import STRINGS, duration, request_lang, text, translations
 from app.video import read_metadata
@@ -174,6 +175,16 @@ def api_docstring(settings: Settings) -> str:
     """
 
 
+def submit_docstring(settings: Settings) -> str:
+    """/submit_job's description: /generate's parameters, a job id and place in the queue back."""
+    _, _, rest = api_docstring(settings).partition("\n\n")
+    args, _, _ = rest.partition("    Returns:")
+    return ("Queue a video like /generate does, and return at once: the job runs when its turn comes, also after "
+            "a restart of the app. Follow it with /job_status, stop it with /cancel_job.\n\n"
+            f"{args}    Returns:\n        The job's id and its place among the waiting jobs (1 runs next; 0: it "
+            "has already started).\n    ")
+
+
 # Rendering ---------------------------------------------------------------------------------------
 
 def render_status(status: dict[str, Any], lang: str) -> str:
@@ -197,9 +208,16 @@ def render_status(status: dict[str, Any], lang: str) -> str:
     busy = bool(status.get("busy"))
     activity = "busy" if busy else "idle"
     pills.append(f'<span class="pill dot {activity}">{html.escape(text(activity, lang))}</span>')
+    queue = status.get("queue")  # the job queue's backend, when the page has one
+    if queue:
+        words = queue["zh"] if lang == "zh" else queue["en"]
+        pills.append(f'<span class="pill queue{"" if queue.get("ok") else " bad"}">{html.escape(words)}</span>')
     message: Message | None = status.get("message")
     if state != "ready" and message is not None:
         pills.append(f'<div class="msg">{html.escape(message.text(lang))}</div>')
+    notice: Message | None = status.get("notice")  # why compile is off here, and the fix
+    if notice is not None:
+        pills.append(f'<div class="msg" data-notice="1">{html.escape(notice.text(lang))}</div>')
     return f'<div class="i2v-status">{"".join(pills)}</div>'
 
 
@@ -346,6 +364,15 @@ def _queue_row(job: Job, position: int | None, lang: str, outputs: Path) -> str:
             + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
 
 
+def _cancel_note(job: Job, lang: str) -> str:
+    """What a cancel did to `job` (the job as it is after the cancel)."""
+    if job.state is JobState.CANCELLED:
+        return text("job_cancel_done", lang, id=job.id)
+    if job.state is JobState.RUNNING:
+        return text("job_cancel_running", lang, id=job.id)
+    return text("job_cancel_ended", lang, id=job.id, state=job_state_label(job, lang))
+
+
 def job_info(job: Job, position: int | None, lang: str) -> dict[str, Any]:
     """A job as /job_status and /cancel_job return it: plain JSON, texts in `lang`."""
     return {"id": job.id, "state": job.state.value, "position": position, "progress": round(job.progress, 4),
@@ -362,7 +389,7 @@ def _both(key: str, **values: Any) -> InputError:
 def parse_seeds(value: str | None) -> list[int]:
     """'1, 2 3' -> [1, 2, 3]; empty: []. Whole numbers only; their range is the service's to check."""
     seeds = []
-    for part in (value or "").replace(",", " ").replace(",", " ").split():
+    for part in (value or "").replace(",", " ").replace("\uff0c", " ").split():  # also the full-width comma
         try:
             seeds.append(int(part))
         except ValueError:
@@ -387,17 +414,15 @@ def batch_requests(files: Sequence[Any] | None, prompts: str | None, seeds: str 
             for path, prompt in zip(paths, per_image) for seed in seed_list]
 
 
-def queue_batch(jobs: "JobQueue", service: GenerationService, entries: Sequence[tuple[str, GenerationRequest]],
-                owner: str = "") -> list[Job]:
-    """Queue every request of a batch, or none: each is checked by the service first (image, prompt, numbers),
-    and the first bad one refuses the whole batch with its error, naming its file."""
-    for name, req in entries:
-        try:
-            service.resolve(req)
-        except AppError as exc:
-            raise InputError(text("batch_bad_file", "en", name=name, error=exc.en),
-                             text("batch_bad_file", "zh", name=name, error=exc.zh)) from None
-    return [jobs.submit(req, owner) for _, req in entries]
+def queue_batch(jobs: "JobQueue", entries: Sequence[tuple[str, GenerationRequest]], owner: str = "") -> list[Job]:
+    """Queue every request of a batch, or none: the queue checks each (image, prompt, numbers) before it stores
+    any, and the first bad one refuses the whole batch with its error, which names its file."""
+    try:
+        return jobs.submit_many([req for _, req in entries], owner, labels=[name for name, _ in entries])
+    except AppError as exc:
+        exc.en, exc.zh = text("batch_refused", "en", error=exc.en), text("batch_refused", "zh", error=exc.zh)
+        exc.args = (exc.en,)
+        raise
 
 
 # The page ----------------------------------------------------------------------------------------
@@ -510,6 +535,16 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
                 with gr.Row():
                     generate_btn = gr.Button(L("generate"), variant="primary", scale=3, elem_id="generate-btn")
                     cancel_btn = gr.Button(L("cancel"), variant="stop", scale=1, elem_id="cancel-btn")
+                if jobs is not None:
+                    with gr.Accordion(L("batch"), open=False, elem_id="batch"):
+                        gr.Markdown(L("batch_hint"))
+                        batch_files = gr.File(label=L("batch_images"), file_count="multiple", file_types=["image"],
+                                              height=160, elem_id="batch-files")
+                        batch_prompts = gr.Textbox(label=L("batch_prompts"), info=L("batch_prompts_info"), lines=3,
+                                                   elem_id="batch-prompts")
+                        batch_seeds = gr.Textbox(label=L("batch_seeds"), info=L("batch_seeds_info"),
+                                                 placeholder="1, 2, 3", elem_id="batch-seeds")
+                        batch_btn = gr.Button(L("queue_add"), variant="primary", elem_id="batch-add")
 
             # Outputs -----------------------------------------------------------------------------
             with gr.Column(scale=1, elem_id="outputs"):
@@ -528,6 +563,14 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
                     gr.Markdown(L("history_hint"))
                     refresh_btn = gr.Button(L("refresh"), size="sm", scale=0, elem_id="history-refresh")
 
+        if jobs is not None:
+            with gr.Accordion(L("queue"), open=True, elem_id="queue"):
+                gr.Markdown(L("queue_hint"))
+                queue_table = gr.HTML(js_on_load=QUEUE_TABLE_JS, elem_id="queue-table")
+                queue_shown = gr.State("")  # the table this tab shows: an unchanged one is not sent again
+                with gr.Row():
+                    queue_clear = gr.Button(L("queue_clear"), size="sm", scale=0, elem_id="queue-clear")
+
         sliders = [resolution, num_frames, fps, steps, guidance]
         timer = gr.Timer(STATUS_POLL_S)
 
@@ -536,6 +579,8 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
                            request: gr.Request) -> tuple[Any, ...]:
             lang = request_lang(request)
             status = service.status()
+            if jobs is not None:
+                status["queue"] = jobs.status()
             bar = render_status(status, lang)
             keep = (gr.skip(),) * 6
             if settled or status["state"] == "loading":
@@ -624,11 +669,9 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
             lang = request_lang(request)
             owner = job_owner(request)
             cancel = runs.open(owner)
-            req = GenerationRequest(image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                                    video={k: v for k, v in video_values.items() if v is not None},
-                                    **{k: v for k, v in more.items() if v is not None})
+            req = _request(image, prompt, negative_prompt, video_values, seed, **more)
             try:
-                result = _generate_with_progress(service, req, cancel, progress, lang)
+                result = _generate_with_progress(service, req, cancel, progress, lang, jobs)
             except AppError as exc:
                 log.info("generate refused (%s): %s", type(exc).__name__, exc.en)
                 raise user_error(exc, lang) from None
@@ -742,6 +785,142 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
 
         demo.unload(cancel_when_the_page_closes)
 
+        # The job queue: its panel, the batch and the API ------------------------------------------
+        if jobs is not None:
+            outputs_dir = settings.path("outputs")
+
+            def show_queue(shown: str, request: gr.Request) -> tuple[Any, str]:
+                table = render_queue(jobs.list(), request_lang(request), outputs_dir)
+                return (gr.skip() if table == shown else table), table
+
+            queue_io = {"fn": show_queue, "inputs": [queue_shown], "outputs": [queue_table, queue_shown],
+                        "queue": False, "show_progress": "hidden", "api_visibility": "private"}
+            demo.load(**queue_io)
+            gr.Timer(QUEUE_POLL_S).tick(**queue_io)
+
+            def queue_action(evt: gr.EventData, request: gr.Request) -> None:
+                """A row's Cancel or Retry button (QUEUE_TABLE_JS sends which, and the job's id)."""
+                lang = request_lang(request)
+                data = getattr(evt, "_data", None) or {}
+                action, job_id = data.get("action"), str(data.get("job") or "")
+                try:
+                    if action == "cancel":
+                        gr.Info(_cancel_note(jobs.cancel(job_id), lang))
+                    elif action == "retry":
+                        jobs.retry(job_id)
+                        gr.Info(text("job_retried", lang, id=job_id))
+                except AppError as exc:
+                    raise user_error(exc, lang) from None
+
+            # Queued, unlike the table's refresh: gr.Info reaches the page only from an event of the queue.
+            queue_table.click(queue_action, None, None, show_progress="hidden", api_visibility="private"
+                              ).then(**queue_io)
+
+            def clear_finished(request: gr.Request) -> None:
+                gr.Info(text("queue_cleared", request_lang(request), n=jobs.clear_finished()))
+
+            queue_clear.click(clear_finished, None, None, show_progress="hidden", api_visibility="private"
+                              ).then(**queue_io)
+
+            def add_batch(files: list[str] | None, prompts: str, seeds: str, prompt_: str, negative_prompt: str,
+                          resolution_: float, num_frames_: float, fps_: float, steps_: float, guidance_: float,
+                          seed_: float, segments_: float, crossfade_: float, smooth_: int, kinds: list[str],
+                          request: gr.Request) -> None:
+                """Add to queue: every image of the batch (and every seed) as one job, with the page's settings;
+                nothing is queued unless all of them are valid."""
+                lang = request_lang(request)
+                base = _request(None, prompt_, negative_prompt, dict(resolution=resolution_, num_frames=num_frames_,
+                                fps=fps_, steps=steps_, guidance_scale=guidance_), seed_, segments=segments_,
+                                crossfade=crossfade_, exports=_page_exports(smooth_, kinds))
+                try:
+                    queued = queue_batch(jobs, batch_requests(files, prompts, seeds, base), job_owner(request))
+                except AppError as exc:
+                    log.info("batch refused: %s", exc.en)
+                    raise user_error(exc, lang) from None
+                gr.Info(text("batch_added", lang, n=len(queued)))
+
+            batch_btn.click(add_batch, [batch_files, batch_prompts, batch_seeds, prompt, negative, *sliders, seed,
+                                        segments, crossfade, smooth, export_kinds], None, show_progress="hidden",
+                            api_visibility="private").then(**queue_io)
+
+            # The API: the same hidden inputs as /generate, so a job takes exactly what /generate takes.
+            with gr.Column(visible=False):
+                api_job_id = gr.Textbox(label=L("queue_col_job"))
+                api_job_out = gr.Textbox(label=L("queue_col_job"))
+                api_position = gr.Number(label=L("queue_col_position"), precision=0)
+                api_status = gr.JSON(label=L("queue_col_state"))
+                api_job_video = gr.File(label=L("output_video"))
+                api_submit, api_status_trigger, api_cancel_job = gr.Button(), gr.Button(), gr.Button()
+
+            def known(job_id: Any) -> Job:
+                job = jobs.get(str(job_id or "").strip())
+                if job is None:
+                    raise unknown_job(str(job_id or "").strip())
+                return job
+
+            def submit_job(image: str, prompt: str, negative_prompt: str | None = None, resolution: int | None = None,
+                           num_frames: int | None = None, fps: int | None = None, steps: int | None = None,
+                           guidance_scale: float | None = None, seed: int | None = None, segments: int | None = None,
+                           crossfade: int | None = None, exports: list[str] | str | None = None,
+                           request: gr.Request = None,  # type: ignore[assignment]  # Gradio passes it
+                           ) -> tuple[str, int]:
+                lang = request_lang(request)
+                req = _request(image, prompt, negative_prompt, dict(resolution=resolution, num_frames=num_frames,
+                               fps=fps, steps=steps, guidance_scale=guidance_scale), seed, segments=segments,
+                               crossfade=crossfade, exports=exports)
+                try:
+                    job = jobs.submit(req, job_owner(request))
+                except AppError as exc:
+                    log.info("submit_job refused (%s): %s", type(exc).__name__, exc.en)
+                    raise user_error(exc, lang) from None
+                except Exception as exc:  # the trace goes to the log, never to the caller
+                    log.exception("submit_job failed")
+                    raise unexpected_error(exc, lang, logs_dir) from None
+                return job.id, jobs.position(job.id) or 0
+
+            submit_job.__doc__ = submit_docstring(settings)
+
+            def job_status(job_id: str, request: gr.Request = None,  # type: ignore[assignment]
+                           ) -> tuple[dict[str, Any], str | None]:
+                """The state of a queued job.
+
+                Args:
+                    job_id: the id /submit_job returned.
+                Returns:
+                    The job as JSON (id, state: queued, running, done, failed or cancelled; position: its place among the waiting jobs, 1 runs next, null when not waiting; progress 0 to 1; text: the current step; eta_s: seconds left; attempts; cancel_requested; prompt; video: the file name; error), and the MP4 once the job is done.
+                """
+                lang = request_lang(request)
+                try:
+                    job = known(job_id)
+                except AppError as exc:
+                    raise user_error(exc, lang) from None
+                video_file = outputs_dir / job.result if job.state is JobState.DONE and job.result else None
+                shown = str(video_file) if video_file is not None and video_file.is_file() else None
+                return job_info(job, jobs.position(job.id), lang), shown
+
+            def cancel_job(job_id: str, request: gr.Request = None,  # type: ignore[assignment]
+                           ) -> dict[str, Any]:
+                """Cancel a queued job: a waiting one is cancelled at once, a running one stops after its current step; neither writes a video. A job that has ended is left as it is.
+
+                Args:
+                    job_id: the id /submit_job returned.
+                Returns:
+                    The job as JSON after the cancel, as /job_status returns it (state "cancelled", or "running" with cancel_requested true until its current step ends).
+                """
+                lang = request_lang(request)
+                try:
+                    job = jobs.cancel(known(job_id).id)
+                except AppError as exc:
+                    raise user_error(exc, lang) from None
+                return job_info(job, jobs.position(job.id), lang)
+
+            api_submit.click(submit_job, [api_image, api_prompt, api_negative, *api_numbers, api_seed, api_segments,
+                                          api_crossfade, api_exports], [api_job_out, api_position],
+                             api_name="submit_job", queue=False)
+            api_status_trigger.click(job_status, [api_job_id], [api_status, api_job_video], api_name="job_status",
+                                     queue=False)
+            api_cancel_job.click(cancel_job, [api_job_id], [api_status], api_name="cancel_job", queue=False)
+
         # A raw HTTP caller (POST /gradio_api/call/generate, or a script that joins the queue with the page's
         # Generate event) may send only the nine values up to seed that both took before the longer-video and
         # output options: the rest take their components' values (None for /generate: the service's defaults).
@@ -751,7 +930,7 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
 
         def validate_inputs(block_fn: Any, inputs: list[Any]) -> None:
             block_inputs = getattr(block_fn, "inputs", None) or []
-            if (getattr(block_fn, "name", None) in GENERATE_EVENTS
+            if (getattr(block_fn, "name", None) in (*GENERATE_EVENTS, *JOB_EVENTS)
                     and GENERATE_FIRST_INPUTS <= len(inputs) < len(block_inputs)):
                 inputs.extend(getattr(block, "value", None) for block in block_inputs[len(inputs):])
             check_inputs(block_fn, inputs)
@@ -759,6 +938,15 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
         if callable(check_inputs):
             demo.validate_inputs = validate_inputs  # type: ignore[method-assign]
     return demo
+
+
+def _request(image: Any, prompt: Any, negative_prompt: Any, video_values: dict[str, Any], seed: Any,
+             **more: Any) -> GenerationRequest:
+    """A request from the page's or the API's values. Unset (None) values are left out, so the service fills
+    them in (demo or config defaults); `more` holds segments, crossfade, exports and extend_from."""
+    return GenerationRequest(image=image, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                             video={k: v for k, v in video_values.items() if v is not None},
+                             **{k: v for k, v in more.items() if v is not None})
 
 
 def _page_exports(smooth: Any, kinds: list[str] | None) -> list[str]:
@@ -778,12 +966,16 @@ def _shown_exports(video: Path, meta: dict[str, Any]) -> Any:
 
 
 def _generate_with_progress(service: GenerationService, req: GenerationRequest, cancel: threading.Event,
-                            progress: Any, lang: str) -> GenerationResult:
-    """service.generate with its progress shown as 'step i/N · about 12 s left' in `lang`."""
+                            progress: Any, lang: str, jobs: "JobQueue | None" = None) -> GenerationResult:
+    """service.generate (or the job queue's generate, which runs it through the queue's backend) with its
+    progress shown as 'step i/N · about 12 s left' in `lang`."""
     if service.state.value == "loading":
         progress(0.0, desc=text("progress_wait_model", lang))
 
     def on_progress(p: Any) -> None:
+        if isinstance(p, Job):  # a backend that runs it elsewhere (a Celery worker) reports the job's record
+            progress(p.progress, desc=job_text(p, lang) or job_state_label(p, lang))
+            return
         # A longer video says which segment it is on: "Segment 2/3 · Step 4/10 · about 5 s left".
         many = getattr(p, "segments", 1) > 1
         head = text("progress_segment", lang, k=p.segment, n=p.segments) + " · " if many else ""
@@ -801,7 +993,8 @@ def _generate_with_progress(service: GenerationService, req: GenerationRequest, 
             progress((p.step, p.total), desc=head + text("progress_decode", lang, i=p.step, n=p.total),
                      unit="frames")
 
-    return service.generate(req, on_progress=on_progress, cancel=cancel)
+    run = service.generate if jobs is None else jobs.generate
+    return run(req, on_progress=on_progress, cancel=cancel)
 
 
 # The server --------------------------------------------------------------------------------------

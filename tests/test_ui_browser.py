@@ -1,9 +1,9 @@
 """app/ui.py in a real browser: Playwright driving Debian's chromium against the app with the tiny model.
 
 Upload, generate with visible progress, a playable <video> of frames/fps seconds, cancel with no
-file written, the history read from outputs/, and Chinese labels, errors and run details for a zh-CN
-browser. Screenshots of the whole page go to test-artifacts/ (ui-en-generated.png is the README's picture,
-docs/images/ui.png).
+file written, the history read from outputs/, Chinese labels, errors and run details for a zh-CN
+browser, and the queue panel (a batch of jobs, one cancelled in its row). Screenshots of the whole page
+go to test-artifacts/ (ui-en-generated.png is the README's picture, docs/images/ui.png).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,7 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(service, settings):
+def _launch(service, settings, jobs):
     """run_server on a free port. Tests run in parallel processes, so another one may take the port between
     the probe and the bind: then try another."""
     from app.errors import InputError
@@ -58,7 +59,7 @@ def _launch(service, settings):
     for attempt in range(5):
         port = _free_port()
         try:
-            return run_server(service, settings, host="127.0.0.1", port=port, block=False), port
+            return run_server(service, settings, host="127.0.0.1", port=port, block=False, jobs=jobs), port
         except InputError as exc:
             if "in use" not in str(exc) or attempt == 4:
                 raise
@@ -87,6 +88,7 @@ def ui(tmp_path_factory, browser_models_dir):
 
     from app.config import load_settings
     from app.engine.loader import load_engine
+    from app.jobqueue import JobQueue
     from app.service import GenerationRequest, GenerationService
 
     root = tmp_path_factory.mktemp("ui-browser")
@@ -101,11 +103,14 @@ def ui(tmp_path_factory, browser_models_dir):
     image = _draw_input(root / "input.png")
     earlier = service.generate(GenerationRequest(image=image, prompt="made before the server started", seed=42,
                                                  video={"resolution": 64, "num_frames": 4, "fps": 8, "steps": 1}))
-    demo, port = _launch(service, settings)
+    jobs = JobQueue(service, settings)  # as `serve` runs it: the page has its queue panel
+    jobs.start()
+    demo, port = _launch(service, settings, jobs)
     ARTIFACTS.mkdir(exist_ok=True)
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", service=service, outputs=settings.path("outputs"),
-                          image=image, earlier=earlier)
+                          image=image, earlier=earlier, jobs=jobs)
     demo.close()
+    jobs.stop()
 
 
 @pytest.fixture(scope="module")
@@ -312,4 +317,53 @@ def test_chinese_browser_generates_and_reports_in_chinese(ui, browser):
     for word in ("种子", "去噪", "显存峰值"):
         sync_api.expect(info).to_contain_text(word)
     _screenshot_when_idle(page, ARTIFACTS / "ui-zh-generated.png")
+    page.context.close()
+
+
+def test_queue_panel_runs_a_batch_and_cancels_one_job_in_its_row(ui, browser, monkeypatch):
+    """Three jobs from the batch (one image, seeds 1,2,3); the second is cancelled in the queue table while the
+    first runs; the first and third end as done with their videos, the second as cancelled without one."""
+    from mp4probe import probe
+
+    # The first job holds in its decode until the second is cancelled, so the second surely still waits.
+    release = threading.Event()
+    sampler = ui.service.engine.sampler
+    decode = sampler.decode
+    monkeypatch.setattr(sampler, "decode", lambda *a, **kw: (release.wait(120), decode(*a, **kw))[1])
+    page = _open(browser, ui.url)
+    sync_api.expect(page.locator("#preset input[value=demo]")).to_be_checked()  # the batch takes these settings
+    before = {n for n in _listing(ui.outputs) if n.endswith(".mp4")}
+    page.locator("#batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files(str(ui.image))
+    sync_api.expect(page.locator("#batch-files")).to_contain_text(ui.image.name)
+    page.locator("#batch-prompts textarea").fill("a box waits its turn")
+    page.locator("#batch-seeds textarea, #batch-seeds input").first.fill("1, 2, 3")
+    try:
+        page.locator("#batch-add").click()
+        sync_api.expect(page.locator(".toast-body")).to_contain_text("3 jobs added to the queue.")
+        rows = page.locator("#queue-table tr[data-job]")
+        sync_api.expect(rows).to_have_count(3)
+        first, second, third = (rows.nth(i).get_attribute("data-job") for i in range(3))
+        row = {job: page.locator(f'#queue-table tr[data-job="{job}"]') for job in (first, second, third)}
+        sync_api.expect(row[first]).to_have_attribute("data-state", "running")
+        sync_api.expect(row[first]).to_contain_text("%")
+        sync_api.expect(row[second]).to_have_attribute("data-state", "queued")
+        row[second].locator("button[data-action=cancel]").click()
+        sync_api.expect(row[second]).to_have_attribute("data-state", "cancelled")
+        sync_api.expect(row[second]).to_contain_text("Cancelled")
+        page.screenshot(path=str(ARTIFACTS / "ui-en-queue.png"), full_page=True)
+    finally:
+        release.set()
+    for job in (first, third):
+        sync_api.expect(row[job]).to_have_attribute("data-state", "done", timeout=120_000)
+        sync_api.expect(row[job]).to_contain_text("Done")
+    sync_api.expect(row[second]).to_have_attribute("data-state", "cancelled")
+    made = {n for n in _listing(ui.outputs) if n.endswith(".mp4")} - before
+    assert made == {ui.jobs.get(first).result, ui.jobs.get(third).result}
+    assert ui.jobs.get(second).result is None
+    for name in made:
+        sync_api.expect(page.locator("#queue-table")).to_contain_text(name)
+        meta = probe(ui.outputs / name)
+        assert (meta["codec"], meta["pix_fmt"], meta["nb_frames"], meta["fps"]) == \
+            ("h264", "yuv420p", DEMO["num_frames"], DEMO["fps"])
     page.context.close()
