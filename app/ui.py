@@ -376,7 +376,8 @@ def _cancel_note(job: Job, lang: str) -> str:
 def job_info(job: Job, position: int | None, lang: str) -> dict[str, Any]:
     """A job as /job_status and /cancel_job return it: plain JSON, texts in `lang`."""
     return {"id": job.id, "state": job.state.value, "position": position, "progress": round(job.progress, 4),
-            "text": job_text(job, lang), "eta_s": None if job.eta_s is None else round(job.eta_s, 1),
+            "text": job_text(job, lang) if job.state is JobState.RUNNING else "",
+            "eta_s": None if job.eta_s is None else round(job.eta_s, 1),
             "attempts": job.attempts, "cancel_requested": job.cancel_requested,
             "prompt": job.params.get("prompt"), "video": job.result, "error": job_error(job, lang)}
 
@@ -882,12 +883,15 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
 
             def job_status(job_id: str, request: gr.Request = None,  # type: ignore[assignment]
                            ) -> tuple[dict[str, Any], str | None]:
-                """The state of a queued job.
+                """The state of a queued job, and its MP4 once it is done. The JSON has id, state (queued,
+                running, done, failed or cancelled), position (1 runs next; null when not waiting), progress
+                (0 to 1), text (the current step), eta_s (seconds left), attempts, cancel_requested, prompt,
+                video (the file name) and error.
 
                 Args:
                     job_id: the id /submit_job returned.
                 Returns:
-                    The job as JSON (id, state: queued, running, done, failed or cancelled; position: its place among the waiting jobs, 1 runs next, null when not waiting; progress 0 to 1; text: the current step; eta_s: seconds left; attempts; cancel_requested; prompt; video: the file name; error), and the MP4 once the job is done.
+                    The job as JSON, and the MP4 once the job is done (else nothing).
                 """
                 lang = request_lang(request)
                 try:
@@ -900,12 +904,14 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
 
             def cancel_job(job_id: str, request: gr.Request = None,  # type: ignore[assignment]
                            ) -> dict[str, Any]:
-                """Cancel a queued job: a waiting one is cancelled at once, a running one stops after its current step; neither writes a video. A job that has ended is left as it is.
+                """Cancel a queued job: a waiting one is cancelled at once, a running one stops after its
+                current step (it stays "running" with cancel_requested true until then); neither writes a
+                video. A job that has ended is left as it is.
 
                 Args:
                     job_id: the id /submit_job returned.
                 Returns:
-                    The job as JSON after the cancel, as /job_status returns it (state "cancelled", or "running" with cancel_requested true until its current step ends).
+                    The job as JSON after the cancel, as /job_status returns it.
                 """
                 lang = request_lang(request)
                 try:

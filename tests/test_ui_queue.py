@@ -1,5 +1,5 @@
 """The job queue in the web UI and its API: the real server with a JobQueue (tiny model), driven by
-gradio_client, plus the page's batch and queue-table functions.
+gradio_client and the mcp package's client, plus the page's batch and queue-table functions.
 
 /submit_job queues jobs that /job_status follows to their MP4, /cancel_job stops a waiting one (no video), a bad
 id is the bilingual error, a batch of images with one prompt line each becomes one job per image, and a batch
@@ -8,6 +8,8 @@ with one unreadable image queues nothing.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import shutil
 import socket
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError as ClientAppError
@@ -44,8 +47,8 @@ def _launch(service, settings, jobs):
     for attempt in range(5):
         port = _free_port()
         try:
-            return run_server(service, settings, host="127.0.0.1", port=port, block=False, jobs=jobs), \
-                f"http://127.0.0.1:{port}/"
+            demo = run_server(service, settings, host="127.0.0.1", port=port, block=False, jobs=jobs, mcp=True)
+            return demo, f"http://127.0.0.1:{port}/"
         except InputError as exc:
             if "in use" not in str(exc) or attempt == 4:
                 raise
@@ -66,7 +69,7 @@ def _draw(path: Path, colour: tuple[int, int, int]) -> Path:
 
 @pytest.fixture(scope="module")
 def queue_server(tmp_path_factory, shared_models_dir):
-    """The app with its job queue on a free port: tiny model, the queue's worker running."""
+    """The app with its job queue (and MCP server) on a free port: tiny model, the queue's worker running."""
     from app.config import load_settings
     from app.engine.loader import load_engine
     from app.jobqueue import JobQueue
@@ -137,7 +140,7 @@ def test_two_submitted_jobs_are_followed_to_their_videos(queue_server):
         status, video = _wait_status(client, job_id, ("done", "failed", "cancelled"))
         assert status["state"] == "done", status
         assert (status["id"], status["progress"], status["position"], status["error"]) == (job_id, 1.0, None, None)
-        assert status["attempts"] == 1 and status["prompt"] == f"job number {i}"
+        assert status["attempts"] == 1 and status["prompt"] == f"job number {i}" and status["text"] == ""
         assert Path(video).name == status["video"]
         _check_mp4(Path(video))
         from app.video import read_metadata
@@ -189,6 +192,53 @@ def test_submit_job_refuses_bad_input_and_stores_nothing(queue_server):
         _client(queue_server.url, **{"Accept-Language": "zh-CN"}).predict(
             handle_file(str(queue_server.image)), "a cat", num_frames=99, api_name="/submit_job")
     assert [job.id for job in queue_server.jobs.list()] == before
+
+
+def _mcp(url: str, work):
+    """`await work(session)` in one session of the mcp package's streamable-HTTP client."""
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def session():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=300)) as http:
+            async with streamable_http_client(url + "gradio_api/mcp/", http_client=http) as (read, write, _):
+                async with ClientSession(read, write) as mcp_session:
+                    await mcp_session.initialize()
+                    return await work(mcp_session)
+
+    return asyncio.run(session())
+
+
+def test_mcp_tools_queue_a_job_and_follow_it_to_its_video(queue_server, tmp_path):
+    """An assistant's way: submit_job with a data-URL image, job_status until done, the MP4 fetched by URL."""
+    image = "data:image/png;base64," + base64.b64encode(queue_server.image.read_bytes()).decode("ascii")
+
+    async def work(session):
+        tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+        submitted = await session.call_tool("submit_job", {"image": image, "prompt": "an assistant's job",
+                                                           **FAST, "seed": 9})
+        assert not submitted.isError, submitted.content
+        job_id = submitted.content[0].text
+        for _ in range(WAIT_S * 5):
+            status = await session.call_tool("job_status", {"job_id": job_id})
+            texts = [c.text for c in status.content if c.type == "text"]
+            if "'state': 'queued'" not in texts[0] and "'state': 'running'" not in texts[0]:
+                break
+            await asyncio.sleep(0.2)
+        unknown = await session.call_tool("cancel_job", {"job_id": "nosuchjob"})
+        return tools, job_id, texts, unknown
+
+    tools, job_id, texts, unknown = _mcp(queue_server.url, work)
+    assert {"submit_job", "job_status", "cancel_job"} <= set(tools)
+    assert tools["submit_job"].inputSchema["required"] == ["image", "prompt"]
+    assert list(tools["job_status"].inputSchema["properties"]) == ["job_id"]
+    assert "'state': 'done'" in texts[0] and f"'id': '{job_id}'" in texts[0], texts
+    reply = httpx.get(texts[1], timeout=30)
+    assert reply.status_code == 200 and texts[1].endswith(".mp4"), texts
+    video = tmp_path / "job.mp4"
+    video.write_bytes(reply.content)
+    _check_mp4(video)
+    assert unknown.isError and "No job nosuchjob in the queue." in unknown.content[0].text
 
 
 # The batch ---------------------------------------------------------------------------------------
