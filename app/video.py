@@ -125,6 +125,39 @@ def write_video(
     return VideoFile(path=video_path, metadata_path=json_path)
 
 
+def store_video(data: bytes, out_dir: Path, metadata: dict[str, Any], *, now: datetime | None = None) -> VideoFile:
+    """Place an MP4 encoded elsewhere (by a GPU worker, app.worker) and its metadata in ``out_dir``, under a new
+    unique name, as write_video places its own: both written under hidden temp names, the JSON moved into place
+    first, then the MP4. The JSON's ``video`` section (from the encoder's write_video) gets the new file name."""
+    now = now or datetime.now()
+    payload = dict(metadata)
+    json.dumps(payload, ensure_ascii=False, default=_json_default)  # a value json can't handle fails before writing
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem, lock = _reserve_stem(out_dir, now)
+    video_path = out_dir / f"{stem}.mp4"
+    json_path = out_dir / f"{stem}.json"
+    video_tmp = _temp_path(video_path)
+    finished = False
+    try:
+        with video_tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        payload["video"] = {**(payload.get("video") or {}), "file": video_path.name}
+        _write_text_atomic(json_path, _temp_path(json_path),
+                           json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default) + "\n")
+        os.replace(video_tmp, video_path)
+        finished = True
+    finally:
+        if not finished:
+            for leftover in (video_tmp, json_path, video_path):
+                _unlink_quietly(leftover)
+        _unlink_quietly(lock)
+    logger.info("Wrote %s (%d bytes, made elsewhere)", video_path, len(data))
+    return VideoFile(path=video_path, metadata_path=json_path)
+
+
 def list_videos(out_dir: Path, limit: int = 100) -> list[VideoEntry]:
     """Finished videos in ``out_dir``, newest first (timestamp in the name, then mtime).
 
