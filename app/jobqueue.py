@@ -187,13 +187,16 @@ class JobQueue:
         return params
 
     def _keep_input(self, image: Any) -> str:
-        """The file name of `image`'s PNG copy in the queue's inputs folder (written if not there yet)."""
-        data = io.BytesIO()
-        image.save(data, format="PNG", compress_level=1)  # fast: the copy lives only as long as its job
-        payload = data.getvalue()
-        name = hashlib.sha256(payload).hexdigest()[:24] + ".png"
+        """The file name of `image`'s PNG copy in the queue's inputs folder (written if not there yet). The
+        name is a hash of the pixels, so an image queued again is found without encoding it again."""
+        digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
+        digest.update(image.tobytes())
+        name = digest.hexdigest()[:24] + ".png"
         target = self.store.inputs_dir / name
         if not target.is_file():
+            data = io.BytesIO()
+            image.save(data, format="PNG", compress_level=1)  # fast: the copy lives only as long as its job
+            payload = data.getvalue()
             target.parent.mkdir(parents=True, exist_ok=True)
             temp = target.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")  # hidden: not a copy yet
             try:

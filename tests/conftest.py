@@ -148,6 +148,7 @@ LONG_TESTS = (
     "test_benchmark.py::test_benchmark_tiny_runs_every_cpu_part",
     "test_engine.py::test_same_seed_same_frames_other_seed_other_frames",
     "test_faults.py::test_sigkill_while_denoising_leaves_no_file_and_the_next_start_is_clean",
+    "test_jobqueue.py::test_an_app_killed_mid_job_makes_every_queued_job_exactly_once_after_a_restart",
 )
 
 

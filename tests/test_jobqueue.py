@@ -206,3 +206,16 @@ def test_an_app_killed_mid_job_makes_every_queued_job_exactly_once_after_a_resta
     for video in videos:
         _assert_playable(video)
     assert not [path.name for path in outputs.rglob("*") if path.name.endswith(".part") or ".video_" in path.name]
+
+
+def test_the_overhead_benchmark_measures_and_prints_its_results(tiny_model_dir, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("queue_overhead", REPO / "benchmarks" / "queue_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--jobs", "2", "--models", str(tiny_model_dir.parent)])
+    out = capsys.readouterr().out
+    assert results["jobs"] == 2 and results["backend"] == "local"
+    assert results["direct_median_ms"] > 0 and results["queued_median_ms"] > 0 and results["queue_own_median_ms"] > 0
+    assert f"the queue's own time      median {results['queue_own_median_ms']:8.1f} ms" in out
