@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ PARAM_KEYS = ("prompt", "negative_prompt", "seed", "preset", "video", "segments"
               "exports", "extend_from")
 
 WAIT_POLL_S = 0.25  # how often wait() looks at the store for changes made by another process
+RUNNER_CHECK_S = 2.0  # how often wait() checks that the process running its job is still there
 
 
 def progress_of(p: Any) -> tuple[float, str, str, float | None]:
@@ -305,9 +307,12 @@ class JobQueue:
              cancel: threading.Event | None = None) -> Job:
         """Block until the job ends and return it. on_progress(job) is called whenever it changes; a set
         `cancel` cancels the job (it ends as cancelled, or done if it was already writing its video).
-        Changes made in this process wake it at once; those of another process are seen within WAIT_POLL_S."""
+        Changes made in this process wake it at once; those of another process are seen within WAIT_POLL_S.
+        With the local backend, a job whose process is gone (an app killed while it ran one of this batch's
+        jobs) is put back in the queue, so a worker here takes it instead of waiting for that app's restart."""
         last: Job | None = None
         cancel_sent = False
+        next_check = time.monotonic() + RUNNER_CHECK_S
         while True:
             with self._changed:
                 version = self._version
@@ -324,6 +329,12 @@ class JobQueue:
                 self.cancel(job_id)
                 cancel_sent = True
                 continue
+            if job.state is JobState.RUNNING and time.monotonic() >= next_check:
+                next_check = time.monotonic() + RUNNER_CHECK_S
+                if self.settings.service.backend == "local" and job.runner and not local_runner_alive(job.runner):
+                    self.store.recover(local_runner_alive)  # this process's own runner counts as alive here
+                    self.backend.wake()
+                    continue
             with self._changed:
                 self._changed.wait_for(lambda: self._version != version, timeout=WAIT_POLL_S)
 

@@ -147,6 +147,19 @@ def test_a_job_whose_video_was_written_before_the_app_stopped_is_not_made_again(
     assert _videos(settings.path("outputs")) == [written.video_path]
 
 
+def test_a_waiter_takes_back_a_job_whose_app_died_while_running_it(settings, make_service, image):
+    queue = JobQueue(make_service(), settings)
+    job = queue.submit(_req(image))
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    queue.store.claim(job.id, f"{socket.gethostname()}:{int(child.stdout)}")  # another app took it, then died
+    queue.backend.start()  # this process's worker was running already (a batch): no start-up recovery
+    try:
+        final = queue.wait(job.id)
+    finally:
+        queue.stop()
+    assert (final.state, final.attempts, final.runner) == (JobState.DONE, 2, queue.runner)
+
+
 def test_queued_jobs_wait_while_the_model_is_not_loaded(settings, image):
     def missing():
         raise ModelMissingError("No model in models/i2vgen-xl.", "models/i2vgen-xl 中没有模型。")

@@ -103,7 +103,7 @@ class LocalWorker:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._current: tuple[str, threading.Event] | None = None
-        self._last_error: str | None = None
+        self._last_error: AppError | None = None  # why the store could not be read, until it can again
 
     # Backend ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -131,11 +131,14 @@ class LocalWorker:
                 self._current[1].set()
 
     def status(self) -> dict[str, Any]:
-        counts = self.store.counts()
+        try:
+            counts = self.store.counts()
+        except AppError as exc:  # a status bar must not fail: it says what is wrong instead
+            self._last_error = exc
+        if self._last_error is not None:
+            return {"ok": False, "en": f"Queue: the local worker cannot read the queue. {self._last_error.en}",
+                    "zh": f"队列:本机任务进程无法读取队列。{self._last_error.zh}"}
         queued, running = counts[JobState.QUEUED], counts[JobState.RUNNING]
-        if self._last_error:
-            return {"ok": False, "en": f"Queue: the local worker cannot read the queue ({self._last_error}).",
-                    "zh": f"队列:本机任务进程无法读取队列({self._last_error})。"}
         return {"ok": True, "en": f"Queue: {running} running, {queued} waiting (this GPU).",
                 "zh": f"队列:{running} 个运行中,{queued} 个等待中(本机 GPU)。"}
 
@@ -154,7 +157,7 @@ class LocalWorker:
             except AppError as exc:  # the database is locked for long or unwritable: say so, try again
                 if self._last_error is None:
                     log.warning("the job worker could not claim a job: %s", exc.en)
-                self._last_error = exc.en
+                self._last_error = exc
                 job = None
             if job is None:
                 self._wake.wait(self._poll_s)
