@@ -172,7 +172,7 @@ STRINGS: dict[str, tuple[str, str]] = {
                            "未加入任何任务。"),
     "batch_bad_seed": ("Seeds: '{value}' is not a whole number; write them like 1,2,3. Nothing was queued.",
                        "种子:“{value}” 不是整数;请按 1,2,3 的格式填写。未加入任何任务。"),
-    "batch_refused": ("{error} Nothing was queued.", "{error} 未加入任何任务。"),
+    "batch_refused": ("{error} Nothing was queued.", "{error}未加入任何任务。"),
     # Messages --------------------------------------------------------------------------------------
     "error_title": ("Error", "错误"),
     "cancelled_title": ("Cancelled", "已取消"),
