@@ -8,7 +8,8 @@ Standard library only, so it runs on Python >= 3.10 before anything is installed
      (Windows + NVIDIA GPU: torch's CUDA build from PyTorch's index first)
   3. port: a port you name must be free; if the default is taken, the next free one is used
   4. folders: outputs/, logs/, models/
-  5. GPU and platform report (WSL2, CPU-only torch next to an NVIDIA GPU, ...)
+  5. GPU and platform report (WSL2, CPU-only torch next to an NVIDIA GPU, ...); on Windows with an NVIDIA GPU,
+     the triton-windows that matches torch, checked with a test kernel (else the app runs uncompiled, and says why)
   6. model: found, or downloaded (`python -m app download`) unless --offline
   7. hand over to `<env python> -m app serve --port N ...` and pass its exit code through
 
@@ -66,6 +67,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -77,6 +79,7 @@ if str(ROOT) not in sys.path:
 
 from app import diagnose  # noqa: E402  (stdlib-only at import time: torch is probed lazily)
 from app.hub import DEFAULT_HUB_ID, looks_like_hub_id  # noqa: E402  (stdlib-only too)
+from app import winsetup  # noqa: E402  (stdlib-only too)
 
 IS_WINDOWS = sys.platform == "win32"
 MARKER_NAME = "i2v-app-install.json"
@@ -540,6 +543,28 @@ def platform_report(smi: diagnose.SmiResult, wsl: int | None, torch: Mapping[str
     return lines
 
 
+def windows_compile_step(env: Env, root: Path, config: LauncherConfig, smi: diagnose.SmiResult, offline: bool,
+                         environ: Mapping[str, str]) -> winsetup.Outcome:
+    """Native Windows with an NVIDIA GPU: the triton-windows that matches torch, or why compile stays off.
+
+    The check's outcome is recorded in the environment, so it runs again only when something it depends on
+    changes; the app reads the record and runs uncompiled when it failed."""
+    driver = smi.gpus[0].driver if smi.gpus else None
+    try:
+        outcome = winsetup.setup_triton(python=env.python, prefix=env.prefix, project=root,
+                                        models_dir=config.path("models"), driver=driver, offline=offline,
+                                        index_url=diagnose.CUDA_INDEX_URL, environ=environ, note=say)
+    except OSError as exc:  # the models folder vanished, a full disk: the app runs uncompiled, with its own note
+        say("WARN", f"Triton check skipped ({exc}). / 跳过 Triton 检测。")
+        return winsetup.Outcome("skipped", "error", "", "")
+    if outcome.status == "ok":
+        say("SUCCESS", f"{outcome.zh} / {outcome.en}")
+    elif outcome.en:
+        say("WARN", outcome.en)
+        say("WARN", outcome.zh)
+    return outcome
+
+
 # ---------------------------------------------------------------------------------------------
 # Step 6: model
 # ---------------------------------------------------------------------------------------------
@@ -616,12 +641,19 @@ def serve_command(python: Path, port: int, args: argparse.Namespace, extra: Sequ
     return cmd + list(extra)
 
 
-def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+def child_env(environ: Mapping[str, str], cache_dir: Path | None = None, windows: bool | None = None,
+              temp_dir: str | None = None) -> dict[str, str]:
     env = dict(environ)
-    if IS_WINDOWS:
+    if IS_WINDOWS if windows is None else windows:
         # UTF-8 for the app's files and pipes too, not only for this console.
         env.setdefault("PYTHONUTF8", "1")
         env.setdefault("PYTHONIOENCODING", "utf-8")
+        if cache_dir is not None:
+            # A temp folder under a Chinese user name: Triton builds with TinyCC there (winsetup.temp_override).
+            override = winsetup.temp_override(cache_dir, temp_dir or tempfile.gettempdir())
+            for key, value in override.items():
+                env[key] = value
+                Path(value).mkdir(parents=True, exist_ok=True)
     return env
 
 
@@ -774,8 +806,9 @@ def launch(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str,
     skip = args.skip_install or _truthy(environ.get("I2V_SKIP_INSTALL"))
 
     if args.diagnose:
-        python = env.python if env.python.exists() else Path(sys.executable)
-        return diagnose.run(config, python=python)
+        if env.python.exists():
+            return diagnose.run(config, python=env.python, prefix=env.prefix)
+        return diagnose.run(config, python=Path(sys.executable))
 
     say("INFO", f"图像转视频 / Image-to-Video · {root}")
     say("SUCCESS", f"Python {sys.version.split()[0]} ({sys.executable})")
@@ -789,7 +822,10 @@ def launch(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str,
         say("INFO", {"project": f"环境 / Environment: {env.prefix}",
                      "venv": f"环境 / Using the active virtual environment {env.prefix}",
                      "conda": f"环境 / Using the active conda environment {env.prefix}"}[env.kind])
-        ensure_env(env, root, cuda_torch=cuda_torch, run=run)
+        installed = ensure_env(env, root, cuda_torch=cuda_torch, run=run)
+        hint = winsetup.defender_hint(config.path("models"), IS_WINDOWS) if installed else None
+        if hint:
+            say("INFO", hint)
 
     # 3. Port
     named = args.port if args.port is not None else (config.port if config.port_from_env else None)
@@ -812,8 +848,11 @@ def launch(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str,
                                        fix_python=fix_python, demo=args.model == "tiny"):
         say(level, line)
 
-    # 6. Model
     offline = args.offline or _truthy(environ.get("HF_HUB_OFFLINE"))
+    if cuda_torch and not skip and args.device != "cpu":
+        windows_compile_step(env, root, config, smi, offline, environ)
+
+    # 6. Model
     check = check_model(args.model, config, environ, Path.cwd())
     if check.kind == "tiny":
         say("WARN", "演示模型 (输出为噪声) / Demo model: --model tiny makes random-noise videos.")
@@ -839,7 +878,7 @@ def launch(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str,
     # 7. Hand over
     cmd = serve_command(env.python, port, args, extra)
     say("INFO", "启动应用 / Starting the app: " + " ".join(_quote(c) for c in cmd))
-    return handover(cmd, cwd=root, env=child_env(environ))
+    return handover(cmd, cwd=root, env=child_env(environ, winsetup.compile_cache_dir(config.path("models"))))
 
 
 def _quote(text: str) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app import winsetup
 from app.hub import DEFAULT_HUB_ID, snapshot_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -336,6 +337,7 @@ class Facts:
     model_found: Path | None = None
     model_searched: list[Path] = field(default_factory=list)
     fix_python: str = "python"
+    triton: Mapping[str, Any] | None = None  # native Windows: the launcher's Triton check (app.winsetup's record)
 
 
 @dataclass
@@ -449,6 +451,10 @@ def assess(facts: Facts) -> list[Finding]:
             f"outputs/ 所在磁盘仅剩 {gib(facts.outputs_free)}。",
             "Delete old videos from outputs/, or point paths.outputs in configs/config.yaml to a bigger disk."))
 
+    if facts.is_windows and facts.triton and facts.triton.get("status") == "failed":
+        # The recorded lines carry their own fix.
+        out.append(Finding("warning", "triton", str(facts.triton.get("en")), str(facts.triton.get("zh"))))
+
     order = {"problem": 0, "warning": 1, "info": 2}
     return sorted(out, key=lambda f: order[f.level])
 
@@ -481,6 +487,12 @@ def render(facts: Facts, findings: Sequence[Finding]) -> str:
     else:
         none = "none found" if facts.smi.found else "none found (no nvidia-smi)"
         lines.append(f"  GPU:             {facts.smi.error or none}")
+    if facts.is_windows:
+        record = facts.triton or {}
+        compile_state = {"ok": f"on · {winsetup.TRITON_PACKAGE} {record.get('triton')}",
+                         "failed": f"off · {record.get('reason')} (see below)"}.get(
+            str(record.get("status")), "not checked yet (start_app.bat checks Triton)")
+        lines.append(f"  Compile / 编译:  {compile_state}")
     if facts.models_dir is not None:
         lines.append(f"  Disk / 磁盘:     {gib(facts.models_free)} free for {facts.models_dir}")
     if facts.outputs_dir is not None:
@@ -505,10 +517,13 @@ def render(facts: Facts, findings: Sequence[Finding]) -> str:
 
 
 def gather(settings: Any, python: str | os.PathLike[str] | None = None,
-           environ: Mapping[str, str] | None = None) -> Facts:
-    """Probe this machine. `settings` needs .path(name), .model_local_dir, .model.source and .root."""
+           environ: Mapping[str, str] | None = None, prefix: Path | None = None) -> Facts:
+    """Probe this machine. `settings` needs .path(name), .model_local_dir, .model.source and .root;
+    `prefix` is the environment of `python` (default: this interpreter's)."""
     environ = os.environ if environ is None else environ
     is_windows = sys.platform == "win32"
+    if prefix is None and (python is None or str(python) == sys.executable):
+        prefix = Path(sys.prefix)
     wsl = wsl_version(read_proc_version()) if sys.platform.startswith("linux") else None
     python = str(python or sys.executable)
     models_dir = settings.path("models")
@@ -538,16 +553,17 @@ def gather(settings: Any, python: str | os.PathLike[str] | None = None,
         model_found=found,
         model_searched=searched,
         fix_python=fix_python_for(python, Path(settings.root), is_windows),
+        triton=winsetup.read_record(prefix) if is_windows and prefix is not None else None,
     )
 
 
-def run(settings: Any, *, python: str | os.PathLike[str] | None = None,
+def run(settings: Any, *, python: str | os.PathLike[str] | None = None, prefix: Path | None = None,
         out: Callable[[str], None] = print) -> int:
     """Print the environment check for `settings` and return 0 (ready) or 1 (problems found).
 
-    `python` is the interpreter whose torch to inspect; the default is this one.
+    `python` is the interpreter whose torch to inspect (the default is this one), `prefix` its environment.
     """
-    facts = gather(settings, python)
+    facts = gather(settings, python, prefix=prefix)
     findings = assess(facts)
     out(render(facts, findings))
     return 1 if any(f.level == "problem" for f in findings) else 0

@@ -380,6 +380,9 @@ class GenerationService:
             "low_vram": bool(engine and engine.offload),
             "busy": self._gpu_lock.locked(),
         }
+        notice = (engine.speedups or {}).get("notice") if engine else None
+        if notice:  # why compile is off on this machine, with its fix (e.g. Triton on native Windows)
+            info["notice"] = Message(*notice)
         vram = gpu.vram_info(engine.device) if engine else None
         if vram:
             info.update(gpu_name=vram.name, vram_total_gib=vram.total_gib, vram_free_gib=vram.free_gib,

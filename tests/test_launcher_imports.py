@@ -21,7 +21,7 @@ BLOCKED = ("torch", "gradio", "diffusers", "transformers", "yaml", "pydantic", "
            "huggingface_hub", "safetensors", "cv2", "imageio", "av")
 # The parts of the app the launcher may import. Each must be stdlib-only, which the blocker checks; a
 # new one (app.engine, app.config, app.cli, ...) must be a deliberate addition to this list.
-ALLOWED_APP_MODULES = {"app", "app.diagnose", "app.hub"}
+ALLOWED_APP_MODULES = {"app", "app.diagnose", "app.hub", "app.winsetup"}
 
 # Runs with -I (no PYTHONPATH, no user site, no cwd on sys.path). argv: launcher folder, app folder, JSON env.
 HARNESS = r'''

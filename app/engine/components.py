@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,11 +281,53 @@ def _check_loading_info(name: str, info: dict, folder: Path) -> None:
         )
 
 
+READ_AHEAD_BLOCK = 16 << 20
+
+
+def read_ahead_default(platform: str = sys.platform) -> bool:
+    """Whether the weight files are read ahead (see read_ahead): on Windows, not elsewhere.
+
+    The libraries map each safetensors file and fault its pages in as the tensors are copied out: on Windows that
+    is one small read per cluster of pages, scattered over the load, from NTFS and through real-time virus
+    scanning. One sequential pass first turns them into memory hits. Reading the files into Python objects instead
+    (the libraries' disable_mmap) does one sequential read too, but then copies every byte twice more and holds
+    the file in memory beside its tensors. On Linux the page cache already serves the map well, so the extra pass
+    would only cost time."""
+    return platform == "win32"
+
+
+def weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files from_pretrained reads in `folder` for `variant` (e.g. model.fp16.safetensors, or the
+    plain model.safetensors and its shards when variant is None)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if variant:
+        return [f for f in files if f".{variant}." in f.name or f".{variant}-" in f.name]
+    return [f for f in files if f.name.count(".") == 1]
+
+
+def read_ahead(files: list[Path], block: int = READ_AHEAD_BLOCK) -> int:
+    """Read each file once, front to back in large blocks, and drop the bytes: the operating system keeps them in
+    its file cache, where the loader's memory map then finds them. Returns the bytes read. A file that cannot be
+    read is left to the loader, which names it."""
+    buffer = memoryview(bytearray(block))
+    total = 0
+    for path in files:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while count := f.readinto(buffer):
+                    total += count
+        except OSError:
+            continue
+    return total
+
+
 def load_components(model_dir: Path, *, dtype: Any, variant: str = "fp16", model_id: str | None = None,
-                    revision: str | None = None) -> Components:
+                    revision: str | None = None, read_ahead_files: bool | None = None) -> Components:
     """Load all seven parts from model_dir onto the CPU in `dtype`, checking every file and every weight key.
 
-    Any failure is a ModelMissingError that names the file or the component and says what to do."""
+    read_ahead_files: read each weight file sequentially before it is mapped (default: on Windows only, see
+    read_ahead_default). Any failure is a ModelMissingError that names the file or the component and says what
+    to do."""
     from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
     from transformers import CLIPTokenizer, CLIPTextModel, CLIPVisionModelWithProjection
 
@@ -309,10 +352,13 @@ def load_components(model_dir: Path, *, dtype: Any, variant: str = "fp16", model
                 f"无法从 {model_dir / name} 加载 {name}:{type(exc).__name__}: {exc}。如果其中的文件已损坏:{hint_zh}",
             ) from exc
 
+    ahead = read_ahead_default() if read_ahead_files is None else read_ahead_files
     loaded: dict[str, Any] = {}
     for name, cls in [("unet", I2VGenXLUNet), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
                       ("image_encoder", CLIPVisionModelWithProjection)]:
         def weights(folder: Path, cls: Any = cls, name: str = name) -> Any:
+            if ahead:
+                read_ahead(weight_files(folder, _variant_of(folder, variant)))
             model, info = cls.from_pretrained(folder, variant=_variant_of(folder, variant), dtype=dtype,
                                               output_loading_info=True)
             _check_loading_info(name, info, folder)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from app import winsetup
 from app.engine.device import is_out_of_memory
 from app.speedups.graphstore import GraphStore, store_folder
 from app.speedups.rewrites import cfg_pair, use_conv2d_for_temporal_convs, use_shared_cfg_prefix, use_temporal_attention
@@ -46,11 +48,28 @@ class AccelReport:
     graph_store: str | None = None  # the folder of stored region graphs (app.speedups.graphstore), when used
     graph_store_stats: dict | None = None  # loaded, saved, not_storable, failed: live counts
     notes: list[str] = field(default_factory=list)
+    notice: list[str] | None = None  # [en, zh] for the status bar: why compile is off although it was asked for
 
 
 def has_triton() -> bool:
     """Inductor needs Triton for CUDA kernels; native Windows has none by default (WSL2 and Linux have it)."""
-    return importlib.util.find_spec("triton") is not None
+    return triton_unusable() is None
+
+
+def triton_unusable() -> tuple[str, str] | None:
+    """Why Inductor cannot use Triton in this environment, in English and Chinese (what compile is skipped with),
+    or None when it can: the one place that decides.
+
+    On native Windows the launcher installs triton-windows and checks it with a test kernel; a failed check is
+    recorded in the environment (app.winsetup), and its reason wins even where `triton` imports, because an
+    import alone does not prove its compiler works here."""
+    blocker = winsetup.recorded_blocker(Path(sys.prefix), torch.__version__)
+    if blocker is not None:
+        return blocker
+    if importlib.util.find_spec("triton") is None:
+        return ("compile skipped: Triton is not installed (usual on native Windows; WSL2 and Linux have it)",
+                "跳过编译:未安装 Triton(原生 Windows 上常见;WSL2 和 Linux 自带),应用不编译运行(较慢)。")
+    return None
 
 
 
@@ -68,7 +87,9 @@ def compile_cache_env(cache_dir: Path, environ: Any = None) -> dict[str, str]:
     inductor = environ.get("TORCHINDUCTOR_CACHE_DIR")
     if inductor is None or _is_torch_default(inductor):
         out["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
-    for key, value in (("TRITON_CACHE_DIR", str(cache_dir / "triton")), ("TORCHINDUCTOR_FX_GRAPH_CACHE", "1"),
+    # Triton's folders (TRITON_CACHE_DIR, TRITON_HOME) as the launcher's Windows check uses them: nothing lands in
+    # the user profile, whose path may hold Chinese characters or sit in OneDrive.
+    for key, value in (*winsetup.triton_env(cache_dir).items(), ("TORCHINDUCTOR_FX_GRAPH_CACHE", "1"),
                        ("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")):
         if key not in environ:
             out[key] = value
@@ -230,12 +251,13 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
     undo: list[Callable[[], None]] = []
     sampler.undo_accel = lambda: [u() for u in reversed(undo)]
     unet = sampler.c.unet
-    if scope != "off" and compiler is None and sampler.device.type == "cuda" and not has_triton():
+    why_not = triton_unusable() if scope != "off" and compiler is None and sampler.device.type == "cuda" else None
+    if why_not is not None:
         # Inductor needs Triton for CUDA kernels: trying would only fail on the first generation. Say so once
         # and run without compiling. (Forced onto the CPU, Inductor's C++ backend needs no Triton.)
-        note = "compile skipped: Triton is not installed (usual on native Windows; WSL2 and Linux have it)"
-        report.notes.append(note)
-        log.warning(note)
+        report.notes.append(why_not[0])
+        report.notice = list(why_not)
+        log.warning(why_not[0])
         scope = "off"
     # The rewrites pay off once compiled; eager, the 2-D form of the temporal convolutions is slower,
     # so they go with compile only.
