@@ -476,6 +476,7 @@ OPTIONS = {
     "store": "compiled region graphs kept in the graph store (regional compile)",
     "det": "Inductor's deterministic mode: a restart computes the same frames",
     "prof": "unetcall only: a kernel profile of the call",
+    "nogn": "without the few-row GroupNorm form that runs where the UNet is not compiled",
 }
 # The study-only scopes: one transformer kind compiled whole, the other per block (compile time vs speed).
 STUDY_REGION_SETS = {
@@ -502,6 +503,7 @@ def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:
     return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
             "temporal_attention": "triton" if "ttri" in opts else "math" if "tmath" in opts else "sdpa",
             "share_cfg_prefix": "share" in opts, "deterministic": "det" in opts, "cache_dir": cache_dir,
+            "few_row_group_norm": "nogn" not in opts,
             "graph_store": graph_store_root(cache_dir) if "store" in opts and cache_dir is not None else None}
 
 

@@ -19,7 +19,8 @@ import torch
 from app import winsetup
 from app.engine.device import is_out_of_memory
 from app.speedups.graphstore import GraphStore, store_folder
-from app.speedups.rewrites import cfg_pair, use_conv2d_for_temporal_convs, use_shared_cfg_prefix, use_temporal_attention
+from app.speedups.rewrites import (cfg_pair, use_conv2d_for_temporal_convs, use_few_row_group_norm,
+                                   use_shared_cfg_prefix, use_temporal_attention)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class AccelReport:
     temporal_conv2d: bool = False
     temporal_attention: str = "sdpa"
     share_cfg_prefix: bool = False
+    few_row_group_norm: bool = False  # app.speedups.rewrites.use_few_row_group_norm, when not compiled
     deterministic: bool = False
     cache_dir: str | None = None
     graph_store: str | None = None  # the folder of stored region graphs (app.speedups.graphstore), when used
@@ -218,7 +220,8 @@ class CudaGraphRunner:
 def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal_conv2d: bool = False,
                 temporal_attention: str = "sdpa", share_cfg_prefix: bool = False, regions: str = "layers",
                 deterministic: bool = False, cache_dir: Path | None = None, graph_store: Path | None = None,
-                compiler: Callable[..., Any] | None = None, force: bool = False) -> AccelReport:
+                compiler: Callable[..., Any] | None = None, force: bool = False,
+                few_row_group_norm: bool = True) -> AccelReport:
     """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
 
     Args:
@@ -236,6 +239,9 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
             Dynamo (app.speedups.graphstore; regional compile only).
         compiler: stands in for torch.compile (the CPU tests pass a fake one).
         force: apply on a device other than CUDA (the CPU tests).
+        few_row_group_norm: where the UNet is not compiled (no Triton, or compile off) but other speedups run,
+            its GroupNorms compute their few-row calls as reductions plus batch normalisation (exact, see
+            app.speedups.rewrites.use_few_row_group_norm). Compiled, Inductor fuses the norms itself.
 
     The device decides: off CUDA nothing changes unless `force`; on CUDA without Triton (usual on native
     Windows) compile is skipped with a note.
@@ -353,10 +359,13 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
             note = f"torch.compile unavailable ({type(exc).__name__}: {exc}); running eager"
             report.notes.append(note)
             log.warning(note)
+    if few_row_group_norm and report.compile == "off" and (scope != "off" or cuda_graphs or share_cfg_prefix):
+        undo.append(use_few_row_group_norm(unet))
+        report.few_row_group_norm = True
     if cuda_graphs:
         compiled = CudaGraphRunner(compiled, report)
         report.cuda_graphs = True
-    if report.compile != "off" or report.cuda_graphs or report.share_cfg_prefix:
+    if report.compile != "off" or report.cuda_graphs or report.share_cfg_prefix or report.few_row_group_norm:
         # A failure may come from a rewrite as well as from the compiler: fall back to all of it undone.
         sampler.denoise_fn = GuardedDenoiser(compiled, eager, sampler.undo_accel, report)
     return report
