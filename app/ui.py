@@ -1017,6 +1017,15 @@ def _lan_address() -> str | None:
         return None
 
 
+def queue_files(settings: Settings) -> list[str]:
+    """The job queue's files, which the file route must not serve although they lie in outputs/ by default:
+    the database (with SQLite's side files) and the input copies beside it (JobStore.inputs_dir). They hold
+    every job's prompt and input image, which a visitor may not fetch by path."""
+    database = settings.queue_database.resolve()
+    return [str(database), *(f"{database}{side}" for side in ("-wal", "-shm", "-journal")),
+            str(database.parent / "inputs")]
+
+
 def run_server(service: GenerationService, settings: Settings, *, host: str, port: int, share: bool = False,
                auth: tuple[str, str] | None = None, mcp: bool = False, block: bool = True, jobs: Any = None) -> Any:
     """Launch the UI with the safe defaults; block until Ctrl+C, or return the Blocks if block=False."""
@@ -1040,7 +1049,8 @@ def run_server(service: GenerationService, settings: Settings, *, host: str, por
     try:
         _, local_url, share_url = demo.launch(
             server_name=host, server_port=port, share=share, auth=auth,
-            allowed_paths=[str(outputs)], max_file_size=f"{settings.limits.max_upload_mb}mb",
+            allowed_paths=[str(outputs)], blocked_paths=queue_files(settings),
+            max_file_size=f"{settings.limits.max_upload_mb}mb",
             show_error=False, run_history=False, mcp_server=mcp, enable_monitoring=False, ssr_mode=False,
             footer_links=["api", "settings"], prevent_thread_lock=True, quiet=True, inbrowser=False,
             i18n=gr.I18n(**translations(settings)), theme=theme, css=CSS,

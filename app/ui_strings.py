@@ -125,8 +125,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     "queue_hint": ("Jobs run one after another, also after a restart of the app. Every page and API client "
                    "sees the same queue.",
                    "任务按顺序逐个运行,应用重启后也会继续。所有页面和 API 客户端看到的是同一个队列。"),
-    "queue_empty": ("The queue is empty. Add images below, or send jobs to the API's /submit_job.",
-                    "队列为空。可在下方添加图片,或通过 API 的 /submit_job 提交任务。"),
+    "queue_empty": ("The queue is empty. Add images with Batch (under Generate video), or send jobs to the API's "
+                    "/submit_job.", "队列为空。可在“批量”中添加图片 (位于“生成视频”下方),或通过 API 的 /submit_job 提交任务。"),
     "queue_col_position": ("#", "排队位置"),
     "queue_col_job": ("Job", "任务"),
     "queue_col_prompt": ("Prompt", "提示词"),

@@ -241,6 +241,24 @@ def test_mcp_tools_queue_a_job_and_follow_it_to_its_video(queue_server, tmp_path
     assert unknown.isError and "No job nosuchjob in the queue." in unknown.content[0].text
 
 
+def test_the_file_route_serves_a_jobs_video_but_not_the_queues_database_or_input_copies(queue_server):
+    """The queue's files lie in outputs/ (outputs/.queue/), which the app serves: they are blocked."""
+    client = _client(queue_server.url)
+    job_id, _ = client.predict(handle_file(str(queue_server.image)), "a served video", "", *FAST.values(), 9.0, 3,
+                               api_name="/submit_job")
+    status, _ = _wait_status(client, job_id, ("done", "failed", "cancelled"))
+    database = queue_server.settings.queue_database
+    copies = list((database.parent / "inputs").glob("*.png"))
+    assert database.is_file() and copies and database.is_relative_to(queue_server.outputs)
+
+    def fetch(path: Path) -> int:
+        return httpx.get(queue_server.url + "gradio_api/file=" + str(path.resolve()), timeout=30).status_code
+
+    assert fetch(queue_server.outputs / status["video"]) == 200
+    for path in (database, Path(f"{database}-wal"), copies[0]):
+        assert fetch(path) == 403, path
+
+
 # The batch ---------------------------------------------------------------------------------------
 
 def _base(**values):
