@@ -568,7 +568,9 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
             with gr.Accordion(L("queue"), open=True, elem_id="queue"):
                 gr.Markdown(L("queue_hint"))
                 queue_table = gr.HTML(js_on_load=QUEUE_TABLE_JS, elem_id="queue-table")
-                queue_shown = gr.State("")  # the table this tab shows: an unchanged one is not sent again
+                # (the table this tab shows, the videos its jobs had made): an unchanged table is not sent
+                # again, and a new video refreshes the history.
+                queue_shown = gr.State(None)
                 with gr.Row():
                     queue_clear = gr.Button(L("queue_clear"), size="sm", scale=0, elem_id="queue-clear")
 
@@ -790,12 +792,18 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
         if jobs is not None:
             outputs_dir = settings.path("outputs")
 
-            def show_queue(shown: str, request: gr.Request) -> tuple[Any, str]:
-                table = render_queue(jobs.list(), request_lang(request), outputs_dir)
-                return (gr.skip() if table == shown else table), table
+            def show_queue(shown: tuple[str, tuple[str, ...]] | None, request: gr.Request) -> tuple[Any, ...]:
+                """The table when it changed, and the history when a job has made a video since the last look."""
+                listed = jobs.list()
+                table = render_queue(listed, request_lang(request), outputs_dir)
+                made = tuple(job.result for job in listed if job.state is JobState.DONE and job.result)
+                old_table, old_made = shown or ("", made)
+                history = _history_items(service) if set(made) - set(old_made) else (gr.skip(), gr.skip())
+                return (gr.skip() if table == old_table else table), (table, made), *history
 
-            queue_io = {"fn": show_queue, "inputs": [queue_shown], "outputs": [queue_table, queue_shown],
-                        "queue": False, "show_progress": "hidden", "api_visibility": "private"}
+            queue_io = {"fn": show_queue, "inputs": [queue_shown],
+                        "outputs": [queue_table, queue_shown, gallery, history_paths], "queue": False,
+                        "show_progress": "hidden", "api_visibility": "private"}
             demo.load(**queue_io)
             gr.Timer(QUEUE_POLL_S).tick(**queue_io)
 

@@ -333,6 +333,8 @@ def test_queue_panel_runs_a_batch_and_cancels_one_job_in_its_row(ui, browser, mo
     page = _open(browser, ui.url)
     sync_api.expect(page.locator("#preset input[value=demo]")).to_be_checked()  # the batch takes these settings
     before = {n for n in _listing(ui.outputs) if n.endswith(".mp4")}
+    history = page.locator("#history .thumbnail-item")
+    sync_api.expect(history).to_have_count(len(before))
     page.locator("#batch").click()
     page.locator("#batch-files input[type=file]").set_input_files(str(ui.image))
     sync_api.expect(page.locator("#batch-files")).to_contain_text(ui.image.name)
@@ -360,6 +362,7 @@ def test_queue_panel_runs_a_batch_and_cancels_one_job_in_its_row(ui, browser, mo
     sync_api.expect(row[second]).to_have_attribute("data-state", "cancelled")
     made = {n for n in _listing(ui.outputs) if n.endswith(".mp4")} - before
     assert made == {ui.jobs.get(first).result, ui.jobs.get(third).result}
+    sync_api.expect(history).to_have_count(len(before) + 2)  # the history follows the queue's new videos
     assert ui.jobs.get(second).result is None
     for name in made:
         sync_api.expect(page.locator("#queue-table")).to_contain_text(name)
