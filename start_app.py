@@ -12,6 +12,8 @@ Standard library only, so it runs on Python >= 3.10 before anything is installed
      the triton-windows that matches torch, checked with a test kernel (else the app runs uncompiled, and says why)
   6. model: found, or downloaded (`python -m app download`) unless --offline
   7. hand over to `<env python> -m app serve --port N ...` and pass its exit code through
+`start_app worker ...` starts a GPU worker instead (docs/scale-out.md): steps 1, 2 (with Celery) and 4, then
+`<env python> -m app worker ...` with every argument after `worker` unchanged.
 
 Exit codes (start_app.sh and start_app.bat return the same):
   0   the app stopped normally          10  Python missing or older than 3.10
@@ -106,6 +108,9 @@ environment:
   I2V_SKIP_INSTALL=1   like --skip-install
   HF_HUB_OFFLINE=1     like --offline
   after "--", flags go to `python -m app serve` unchanged, e.g. start_app.py -- --low-vram on
+
+GPU worker (docs/scale-out.md; Linux and WSL2):
+  start_app.py worker --gpu 0 [--name NAME] ...   everything after `worker` goes to `python -m app worker`
   (with -- --config FILE the launcher takes the port, folders and model from FILE too)
 """
 
@@ -782,10 +787,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
          root: Path = ROOT, handover: Callable[..., int] = run_child,
          run: Callable[..., int] = run_visible) -> int:
     setup_console()
-    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(own)
+    argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
     try:
+        if argv[:1] == ["worker"]:
+            return launch_worker(argv[1:], environ, root, handover, run)
+        own, extra = split_passthrough(argv)
+        args = build_parser().parse_args(own)
         return launch(args, extra, environ, root, handover, run)
     except LauncherError as exc:
         say("ERROR", f"{exc.zh} / {exc.en}" if exc.zh else exc.en)
@@ -879,6 +887,46 @@ def launch(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str,
     cmd = serve_command(env.python, port, args, extra)
     say("INFO", "启动应用 / Starting the app: " + " ".join(_quote(c) for c in cmd))
     return handover(cmd, cwd=root, env=child_env(environ, winsetup.compile_cache_dir(config.path("models"))))
+
+
+def ensure_cluster(env: Env, root: Path, run: Callable[..., int] = run_visible,
+                   check: Callable[..., int] = _quiet) -> None:
+    """Celery and redis-py (the project's `cluster` extra), which a worker needs and the UI alone does not."""
+    if check([str(env.python), "-c", "import celery, redis"], cwd=root) == 0:
+        return
+    say("INFO", "安装 Celery / Installing Celery and redis-py for the worker (the project's cluster extra)")
+    cmd = [str(env.python), "-m", "pip", "install", "--disable-pip-version-check", "-e", f"{root}[cluster]"]
+    rc = run(cmd, cwd=root)
+    if rc != 0:
+        raise LauncherError(EXIT_INSTALL, f"Installing Celery failed (exit code {rc}): {' '.join(cmd)}",
+                            "安装 Celery 失败,详见上方 pip 的输出。",
+                            "Read pip's message above, check the connection, then run start_app worker again.")
+
+
+def launch_worker(args: Sequence[str], environ: Mapping[str, str], root: Path, handover: Callable[..., int],
+                  run: Callable[..., int]) -> int:
+    """`start_app worker ...`: the environment (with Celery), the folders, then `<env python> -m app worker ...`
+    with the arguments unchanged. No port (a worker serves no page) and no download: the worker reads the
+    model this machine has (python -m app download fetches it)."""
+    if IS_WINDOWS:
+        raise LauncherError(EXIT_USAGE, "Celery does not support Windows: run the GPU workers on Linux or WSL2, "
+                                        "and on Windows the app with service.backend: local.",
+                            "Celery 不支持 Windows:请在 Linux 或 WSL2 上运行 GPU worker,Windows 上使用"
+                            " service.backend: local 运行应用。", "See docs/scale-out.md.")
+    config = load_config(root, environ)
+    env = find_env(root, environ=environ)
+    say("INFO", f"图像转视频 GPU worker / Image-to-Video GPU worker · {root}")
+    if _truthy(environ.get("I2V_SKIP_INSTALL")):
+        say("WARN", "Skipping the environment setup (I2V_SKIP_INSTALL=1).")
+        env = skip_install_env(env)
+    else:
+        ensure_env(env, root, cuda_torch=False, run=run)
+        ensure_cluster(env, root, run)
+    folders = ensure_folders(config)
+    say("SUCCESS", "目录 / Folders ready: " + ", ".join(str(p) for p in folders))
+    cmd = [str(env.python), "-m", "app", "worker", *args]
+    say("INFO", "启动 GPU worker / Starting the worker: " + " ".join(_quote(c) for c in cmd))
+    return handover(cmd, cwd=root, env=child_env(environ))
 
 
 def _quote(text: str) -> str:

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Settings
-from app.errors import AppError, InputError
+from app.errors import AppError, CancelledError, InputError
 from app.jobs.local import LocalWorker, local_runner_alive, runner_id
 from app.jobs.store import FINISHED, Job, JobState, JobStore, MissingInputCopyError, unknown_job
 from app.service import GenerationRequest, GenerationResult, GenerationService, ModelState
@@ -113,12 +114,17 @@ class JobQueue:
         self._changed = threading.Condition()
         self._version = 0
         self._started = False
+        self._notes: dict[str, list[tuple[str, str]]] = {}  # a remote job's warnings, for generate()
         self.backend = self._make_backend()
 
     def _make_backend(self, only_ids: Collection[str] | None = None) -> Any:
         if self.settings.service.backend == "local":
             return LocalWorker(self.store, self._run, poll_s=self._poll_s, runner=self.runner, only_ids=only_ids,
                                on_change=self._notify)
+        if self.settings.service.backend == "celery":  # every queued job goes to the workers: only_ids is moot
+            from app.jobs.celery_backend import CeleryBackend
+
+            return CeleryBackend(self.store, self.settings, self._collect, on_change=self._notify)
         raise AppError(f"service.backend {self.settings.service.backend!r} is not available in this installation.",
                        f"此安装不支持 service.backend {self.settings.service.backend!r}。")
 
@@ -128,12 +134,27 @@ class JobQueue:
         `only_ids` (`python -m app batch`) the local worker takes only those jobs. Returns the recovered jobs."""
         if only_ids is not None:
             self.backend = self._make_backend(only_ids)
-        recovered = self.store.recover(lambda runner: local_runner_alive(runner, me=self.runner))
+        if self.remote:
+            # A job a Celery worker runs is the backend's to follow again, not a run that stopped with this process.
+            from app.jobs.celery_backend import is_celery_runner
+
+            recovered = self.store.recover(
+                lambda runner: is_celery_runner(runner) or local_runner_alive(runner, me=self.runner))
+        else:
+            recovered = self.store.recover(lambda runner: local_runner_alive(runner, me=self.runner))
         for job in recovered:
             log.info("job %s was running when the app stopped: now %s", job.id, job.state.value)
+        if self.remote:
+            self.backend.start()  # no model here; an unreachable broker is an error now (BrokerError naming its URL)
+        else:
+            threading.Thread(target=self._start_when_loaded, name="job-queue-start", daemon=True).start()
         self._started = True
-        threading.Thread(target=self._start_when_loaded, name="job-queue-start", daemon=True).start()
         return recovered
+
+    @property
+    def remote(self) -> bool:
+        """Whether the jobs run on Celery workers (service.backend: celery): then this process loads no model."""
+        return self.settings.service.backend == "celery"
 
     def _start_when_loaded(self) -> None:
         self.service.wait_until_loaded()
@@ -258,8 +279,83 @@ class JobQueue:
     def generate(self, req: GenerationRequest, *, on_progress: Callable[[Any], None] | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
         """A blocking run, for callers that wait for their video (the UI's Generate, /generate). The local
-        backend runs it directly on this process's service, as before the queue."""
-        return self.service.generate(req, on_progress=on_progress, cancel=cancel)
+        backend runs it directly on this process's service, as before the queue. The celery backend queues it
+        and waits for it: on_progress then gets the job's record (a Job) at each change."""
+        if not self.remote:
+            return self.service.generate(req, on_progress=on_progress, cancel=cancel)
+        job = self.wait(self.submit(req).id, on_progress=on_progress, cancel=cancel)
+        if job.state is JobState.CANCELLED:
+            raise CancelledError()
+        if job.state is not JobState.DONE or not job.result:
+            raise AppError(job.error_en or "The job failed.", job.error_zh or job.error_en or "任务失败。")
+        from app.service import Message
+        from app.video import read_metadata
+
+        path = self.settings.path("outputs") / job.result
+        meta = read_metadata(path)
+        notes = self._notes.pop(job.id, None)
+        warnings = [Message(en, zh) for en, zh in notes] if notes is not None else \
+            [Message(w, w) for w in meta.get("warnings") or []]
+        return GenerationResult(video_path=path, metadata_path=path.with_suffix(".json"), metadata=meta,
+                                seed=meta.get("seed"), timings_s=meta.get("timings_s") or {},
+                                peak_vram_gib=meta.get("peak_vram_gib"), warnings=warnings,
+                                exports={kind: path.with_name(name) for kind, name in (meta.get("exports") or {}).items()})
+
+    def _collect(self, job: Job, result: dict) -> str:
+        """The celery backend's collect: the video a worker made (base64 MP4 + its metadata), written into
+        outputs/ atomically (app.video.store_video), with the input image beside it and the exports made here.
+        Returns the video's file name. A job whose video is there already (this app stopped after writing it)
+        is not written twice."""
+        made = self.video_of(job)
+        if made is not None:
+            return made
+        import base64
+
+        from app.service import outputs_error, parse_exports
+        from app.video import store_video, update_metadata
+
+        outputs = self.settings.path("outputs")
+        metadata = dict(result.get("metadata") or {})
+        metadata.pop("input_image", None)  # the worker's own copy; this app keeps its own below
+        try:
+            video = store_video(base64.b64decode(result["video_b64"]), outputs, metadata)
+        except OSError as exc:
+            raise outputs_error(exc, outputs) from None
+        notes = [(str(en), str(zh)) for en, zh in result.get("warnings") or []]
+        input_name = self._keep_input_beside(video.path, job, metadata)
+        exports, export_notes = self.service._make_exports(video.path, parse_exports(job.params.get("exports")), None)
+        notes += [(w.en, w.zh) for w in export_notes]
+        try:
+            update_metadata(video, {"input_image": input_name, "exports": {k: v.name for k, v in exports.items()},
+                                    "warnings": [en for en, _ in notes]})
+        except OSError as exc:  # the video and its JSON are complete; only these additions are missing
+            log.warning("could not add the input image and exports to %s: %s", video.metadata_path.name, exc)
+        self._notes[job.id] = notes
+        return video.path.name
+
+    def _keep_input_beside(self, video: Path, job: Job, metadata: dict) -> str | None:
+        """The input image beside a worker's video, as the service keeps it beside its own: a copy of the job's
+        input copy (the same decoded, size-capped image, already PNG), or for an extend the first segment's image
+        kept beside the video it continues. Returns its file name, or None if it could not be kept."""
+        source = self.store.inputs_dir / job.image if job.image else None
+        if source is None and metadata.get("extended_from"):
+            from app.video import read_metadata
+
+            extended = self.settings.path("outputs") / str(metadata["extended_from"])
+            name = read_metadata(extended).get("input_image")
+            source = extended.with_name(name) if isinstance(name, str) and name else None
+        if source is None:
+            return None
+        target = video.with_name(video.stem + ".input.png")
+        temp = target.with_name(f".{target.name}.{os.getpid()}.part")  # app.video's temp name: cleaned if left
+        try:
+            shutil.copyfile(source, temp)
+            os.replace(temp, target)
+        except OSError as exc:  # the video is what matters; a missing input copy only costs the restore
+            log.warning("could not keep the input image beside %s: %s", video.name, exc)
+            temp.unlink(missing_ok=True)
+            return None
+        return target.name
 
     # Reading and managing ----------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
@@ -289,6 +385,39 @@ class JobQueue:
         removed = self.store.clear_finished()
         self._notify("")
         return removed
+
+    def service_status(self) -> dict[str, Any]:
+        """The model's state for the status bar, as service.status() gives it: this process's model, or with the
+        celery backend the GPU workers' (from their heartbeats; this process loads none)."""
+        if not self.remote:
+            return self.service.status()
+        from app.service import Message
+
+        workers = self.backend.workers()
+        ready = [w for w in workers if w.get("state") == "ready"]
+        info: dict[str, Any] = {"demo": any(w.get("demo") for w in ready), "device": "celery", "low_vram": False,
+                                "busy": any(w.get("job") for w in workers),
+                                "model": ", ".join(sorted({str(w.get("model")) for w in ready}))}
+        if ready:
+            info.update(state="ready", message=Message(f"Model ready on {len(ready)} GPU workers.",
+                                                       f"模型已在 {len(ready)} 个 GPU worker 上就绪。"))
+            gpu = next((w for w in ready if w.get("gpu_name")), None)
+            if gpu is not None:
+                more = f" · {len(ready)} workers" if len(ready) > 1 else ""
+                info.update({key: gpu[key] for key in ("vram_total_gib", "vram_free_gib", "vram_used_by_app_gib")},
+                            gpu_name=f"{gpu['gpu_name']}{more}")
+        elif workers and all(w.get("state") in ("missing", "error") for w in workers):
+            first = workers[0]
+            info.update(state=first["state"], message=Message(f"{first.get('name')}: {first.get('message_en')}",
+                                                              f"{first.get('name')}:{first.get('message_zh')}"))
+        elif workers:
+            info.update(state="loading", message=Message("The GPU workers are loading the model…",
+                                                         "GPU worker 正在加载模型…"))
+        else:
+            info.update(state="loading", message=Message(
+                "No GPU worker is connected yet: jobs wait until one starts (python -m app worker --gpu 0).",
+                "尚无 GPU worker 连接:任务会等待,直到有 worker 启动(python -m app worker --gpu 0)。"))
+        return info
 
     def status(self) -> dict[str, Any]:
         """The backend's state for the status bar: dict(ok, en, zh)."""

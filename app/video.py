@@ -140,10 +140,7 @@ def store_video(data: bytes, out_dir: Path, metadata: dict[str, Any], *, now: da
     video_tmp = _temp_path(video_path)
     finished = False
     try:
-        with video_tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        video_tmp.write_bytes(data)
         payload["video"] = {**(payload.get("video") or {}), "file": video_path.name}
         _write_text_atomic(json_path, _temp_path(json_path),
                            json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default) + "\n")

@@ -115,6 +115,17 @@ def test_every_argument_passes_through_and_the_exit_code_comes_back(project, env
     assert "[INFO]" in proc.stdout and "Local URL" in proc.stdout
 
 
+def test_worker_hands_every_argument_after_it_to_the_apps_worker_command(project, env, tmp_path):
+    env["I2V_TEST_EXIT_WORKER"] = "6"
+    proc = run_sh(project / "start_app.sh", ["worker", "--gpu", "1", "--name", "gpu 1", "--model", "tiny"], env,
+                  cwd=tmp_path)
+    assert proc.returncode == 6, proc.stdout + proc.stderr
+    (worker,) = records(env)
+    assert worker["argv"] == ["worker", "--gpu", "1", "--name", "gpu 1", "--model", "tiny"]
+    assert Path(worker["cwd"]) == project
+    assert "Starting the worker" in proc.stdout
+
+
 def test_it_works_through_symlinks_and_as_an_executable(project, env, tmp_path):
     links = tmp_path / "links dir"
     links.mkdir()

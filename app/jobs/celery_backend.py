@@ -6,7 +6,7 @@ Decisions:
 - The SQLite store stays the front end's record, as with the local backend: a job is "queued" while it waits
   in the broker (its place in the queue panel is its place in the broker's list) and "running" from the moment
   a worker reports it started, with that worker as its runner ("celery:NAME").
-- One thread does all the talking to Redis, in rounds every `poll_s` seconds: it sends the new queued jobs,
+- One thread does all the talking to Redis, in rounds every `poll_s` seconds (POLL_S): it sends the new queued jobs,
   reads every sent job's state with one MGET, and mirrors progress, cancels and ends into the store. A second
   thread writes the finished videos (and runs their exports), so a long export never holds up the progress of
   the other jobs. Nothing the UI calls (cancel, status) waits on Redis.
@@ -43,6 +43,8 @@ RUNNER_PREFIX = "celery:"
 # returns its file name; an AppError fails the job with its message.
 Collect = Callable[[Job, dict], str]
 
+# A round every POLL_S: a finished job is seen this soon (one MGET for all jobs; Redis answers in microseconds).
+POLL_S = 0.05
 RESEND_CHECK_S = 2.0  # how often the waiting jobs' task keys are checked (a broker that lost its data)
 STATUS_REFRESH_S = 2.0  # how often the workers' heartbeats are read for status()
 ACTIVE_LIMIT = 1000  # the most queued and running jobs one round looks at (the rest wait for a later round)
@@ -66,7 +68,7 @@ class SourceMissingError(AppError):
 class CeleryBackend:
     """Runs the store's queued jobs on Celery workers (see the module's docstring)."""
 
-    def __init__(self, store: JobStore, settings: Settings, collect: Collect, *, poll_s: float = 0.25,
+    def __init__(self, store: JobStore, settings: Settings, collect: Collect, *, poll_s: float = POLL_S,
                  on_change: Callable[[str], None] | None = None):
         self.store = store
         self.settings = settings
