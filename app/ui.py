@@ -581,7 +581,8 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
         def refresh_status(res: float, frames: float, fps_: float, steps_: float, cfg: float, settled: bool,
                            request: gr.Request) -> tuple[Any, ...]:
             lang = request_lang(request)
-            status = service.status()
+            # With the celery backend this process loads no model: the GPU workers' state stands in for it.
+            status = service.status() if jobs is None else jobs.service_status()
             if jobs is not None:
                 status["queue"] = jobs.status()
             bar = render_status(status, lang)
@@ -983,7 +984,7 @@ def _generate_with_progress(service: GenerationService, req: GenerationRequest, 
                             progress: Any, lang: str, jobs: "JobQueue | None" = None) -> GenerationResult:
     """service.generate (or the job queue's generate, which runs it through the queue's backend) with its
     progress shown as 'step i/N · about 12 s left' in `lang`."""
-    if service.state.value == "loading":
+    if service.state.value == "loading" and (jobs is None or not jobs.remote):
         progress(0.0, desc=text("progress_wait_model", lang))
 
     def on_progress(p: Any) -> None:

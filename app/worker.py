@@ -207,8 +207,9 @@ def run_job(task: Any, job_id: str, params: dict, image_b64: str, source: dict |
         try:
             if proc.redis.exists(ca.cancel_key(task_id)):
                 cancel.set()
-        except errors as exc:  # the broker is away: the job goes on, and is checked again at the next step
+        except errors as exc:  # the broker is away: the job goes on without reporting, and checks again next step
             log.debug("cancel flag not read: %s", exc)
+            return
         try:
             task.update_state(state="PROGRESS", meta={"fraction": fraction, "en": en, "zh": zh, "eta_s": eta,
                                                       "worker": name, "pid": os.getpid(), "attempt": attempt})
@@ -247,9 +248,9 @@ def run_job(task: Any, job_id: str, params: dict, image_b64: str, source: dict |
     except CancelledError:
         log.info("job %s cancelled", job_id)
         return _cancelled()
-    except AppError as exc:
+    except AppError as exc:  # the message names this worker: the front end's user cannot see its console
         log.warning("job %s failed: %s", job_id, exc.en)
-        return _failed(exc.en, exc.zh)
+        return _failed(f"{exc.en} (worker {name})", f"{exc.zh}(worker {name})")
     except Exception as exc:  # a bug or a broken GPU: the job fails with its cause, the worker goes on
         log.exception("job %s failed", job_id)
         return _failed(f"Unexpected error on the worker {name}: {type(exc).__name__}: {exc}",

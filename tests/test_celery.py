@@ -258,8 +258,11 @@ def test_six_jobs_from_two_front_ends_all_complete_spread_over_both_workers(work
 
 def test_generate_through_the_queue_gives_the_result_with_its_exports(workers, front_end, image):
     """JobQueue.generate on the celery backend (what the UI calls): queued, run on a worker, written here,
-    and the export is made here, beside it."""
+    and the export is made here, beside it. The status bar's parts say the workers' model is ready."""
     queue = front_end("generate")
+    model = queue.service_status()  # the status bar's model part: the workers' state, this process loads none
+    assert (model["state"], model["model"], model["demo"]) == ("ready", "tiny", True)
+    assert "2 GPU workers" in queue.status()["en"] and "2 个 GPU worker" in queue.status()["zh"]
     result = queue.generate(_request(image, seed=7, exports="gif"))
     meta = _check_video(result.video_path)
     assert result.seed == 7 == meta["seed"]
