@@ -431,7 +431,7 @@ def _batch(args: argparse.Namespace, settings: Any) -> int:
                 for item in items]
         labels = [item.label for item in items]
         queue.check(reqs, labels)  # every image and prompt, before the model loads and before anything is queued
-        if not args.no_wait:
+        if not args.no_wait and not queue.remote:  # with celery the GPU workers load the model, not this process
             service.load()
             if service.engine is None:
                 message = service.status()["message"]

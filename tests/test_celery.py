@@ -258,7 +258,8 @@ def test_six_jobs_from_two_front_ends_all_complete_spread_over_both_workers(work
 
 def test_generate_through_the_queue_gives_the_result_with_its_exports(workers, front_end, image):
     """JobQueue.generate on the celery backend (what the UI calls): queued, run on a worker, written here,
-    and the export is made here, beside it. The status bar's parts say the workers' model is ready."""
+    and the export is made here, beside it; an extend of that video runs on a worker too. The status bar's parts
+    say the workers' model is ready."""
     queue = front_end("generate")
     model = queue.service_status()  # the status bar's model part: the workers' state, this process loads none
     assert (model["state"], model["model"], model["demo"]) == ("ready", "tiny", True)
@@ -269,6 +270,13 @@ def test_generate_through_the_queue_gives_the_result_with_its_exports(workers, f
     assert result.video_path.parent == queue.settings.path("outputs")
     assert set(result.exports) == {"gif"} and result.exports["gif"].is_file()
     assert meta["exports"] == {"gif": result.exports["gif"].name}
+
+    # Extend: the worker has no access to this outputs folder, so the video it continues travels with the job.
+    longer = queue.generate(_request(None, video={}, seed=None, extend_from=result.video_path.name, crossfade=1))
+    meta = _check_video(longer.video_path, {**SMALL, "num_frames": 2 * SMALL["num_frames"] - 2})
+    assert meta["extended_from"] == result.video_path.name and len(meta["segments"]) == 2
+    kept = longer.video_path.with_name(meta["input_image"])
+    assert kept.read_bytes() == (result.video_path.with_name(result.metadata["input_image"])).read_bytes()
 
 
 # Cancel --------------------------------------------------------------------------------------------------
@@ -366,6 +374,56 @@ def test_the_ui_on_the_celery_backend_gives_a_video_through_generate(workers, br
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+# The settings both sides share ------------------------------------------------------------------------------
+
+def test_the_celery_app_takes_json_only_and_hands_a_dead_workers_job_on():
+    """JSON for messages and results (never pickle), late acknowledgement with the job handed back when its
+    process dies, one job per worker at a time, and the service settings' timeout and expiry."""
+    from app.config import load_settings
+    from app.jobs.celery_app import make_celery, masked_url
+
+    settings = load_settings(environ={"I2V_SERVICE__VISIBILITY_TIMEOUT_S": "7200",
+                                      "I2V_SERVICE__RESULT_EXPIRES_S": "600"})
+    conf = make_celery(settings.service).conf
+    assert (conf.task_serializer, conf.result_serializer) == ("json", "json")
+    assert list(conf.accept_content) == ["json"] and list(conf.result_accept_content) == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert (conf.worker_prefetch_multiplier, conf.worker_concurrency, conf.worker_pool) == (1, 1, "prefork")
+    assert conf.broker_transport_options["visibility_timeout"] == 7200 and conf.result_expires == 600
+    assert masked_url("redis://:pa55@host:6379/0") == "redis://:***@host:6379/0"
+    assert masked_url("redis://user:pa55@host/1") == "redis://user:***@host/1"
+    assert masked_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+# The worker command ----------------------------------------------------------------------------------------
+
+WORKER_ENV_PROBE = """
+import os, sys
+from app import cli, worker
+
+def run_worker(settings, **kw):
+    print(os.environ.get("CUDA_VISIBLE_DEVICES"), "torch" in sys.modules, settings.model.device, kw["gpu"], kw["name"])
+    return 0
+
+worker.run_worker = run_worker
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_worker_gpu_n_sets_cuda_visible_devices_before_torch_is_imported(tmp_path):
+    """`worker --gpu 3`: CUDA_VISIBLE_DEVICES=3 is set before anything imports torch, and the model goes to the
+    one GPU left visible; without --gpu the configured device stays."""
+    env = {**os.environ, "I2V_PATHS__LOGS": str(tmp_path)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    for args, expected in ((["--gpu", "3", "--name", "left"], "3 False cuda 3 left"),
+                           (["--gpu", "1", "--device", "cpu"], "1 False cpu 1 None"),
+                           ([], "None False auto None None")):
+        out = subprocess.run([sys.executable, "-c", WORKER_ENV_PROBE, "worker", *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == expected
 
 
 # The broker ------------------------------------------------------------------------------------------------

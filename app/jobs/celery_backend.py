@@ -78,7 +78,6 @@ class CeleryBackend:
         self._on_change = on_change or (lambda job_id: None)
         self._sent: dict[str, _Sent] = {}
         self._collecting: set[str] = set()
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
