@@ -172,6 +172,8 @@ class LocalWorker:
         cancel = threading.Event()
         with self._lock:
             self._current = (job.id, cancel)
+            if self._stopping.is_set():  # claimed while stop() ran: it goes straight back to the queue
+                cancel.set()
 
         def report(fraction: float, en: str, zh: str, eta_s: float | None = None) -> None:
             try:
