@@ -396,7 +396,7 @@ def run_captured(cmd: list[str], env: Mapping[str, str] | None = None,
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def run_teed(cmd: list[str], env: Mapping[str, str] | None = None, timeout: float | None = None) -> tuple[int, str]:
+def run_teed(cmd: list[str], env: Mapping[str, str] | None = None) -> tuple[int, str]:
     """Run with the output on the console as it comes (pip's download lines), and return (exit code, its tail)."""
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
@@ -427,14 +427,15 @@ def setup_triton(*, python: Path, prefix: Path, project: Path, models_dir: Path,
     facts = dict(probe(python))
     torch_version = facts.get("torch")
     cache_dir = compile_cache_dir(models_dir)
-    warning = long_path_warning(cache_dir, long_paths())
+    long_paths_enabled = long_paths()
+    warning = long_path_warning(cache_dir, long_paths_enabled)
     if warning:
         note("WARN", warning[0])
         note("WARN", warning[1])
     if not is_cuda_build(torch_version):  # no torch or a CPU-only one: the GPU report says what to do
         return Outcome("skipped", "no-cuda-torch", "", "")
     fingerprint = {"torch": torch_version, "python": facts.get("python"), "driver": driver, "project": str(project),
-                   "vcredist": vcredist(), "long_paths": long_paths()}
+                   "vcredist": vcredist(), "long_paths": long_paths_enabled}
     record = read_record(prefix)
     if not needs_check(record, fingerprint, now()):
         assert record is not None
@@ -480,10 +481,11 @@ def setup_triton(*, python: Path, prefix: Path, project: Path, models_dir: Path,
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     temp = str(facts.get("temp") or tempfile.gettempdir())
-    check_env = {**environ, **triton_env(cache_dir), **temp_override(cache_dir, temp), "PYTHONUTF8": "1"}
-    if "TMP" in check_env and check_env["TMP"] != environ.get("TMP"):
-        Path(check_env["TMP"]).mkdir(parents=True, exist_ok=True)
-        temp = check_env["TMP"]
+    override = temp_override(cache_dir, temp)
+    for folder in set(override.values()):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    temp = override.get("TMP", temp)
+    check_env = {**environ, **triton_env(cache_dir), **override, "PYTHONUTF8": "1"}
     note("INFO", f"检测 Triton / Checking Triton {installed} with a test kernel (once per torch and driver)")
     rc, output = check([str(python), "-c", CHECK_SCRIPT, "cuda"], env=check_env, timeout=CHECK_TIMEOUT_S)
     if rc == 0 and CHECK_OK in output:

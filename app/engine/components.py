@@ -288,11 +288,10 @@ def read_ahead_default(platform: str = sys.platform) -> bool:
     """Whether the weight files are read ahead (see read_ahead): on Windows, not elsewhere.
 
     The libraries map each safetensors file and fault its pages in as the tensors are copied out: on Windows that
-    is one small read per cluster of pages, scattered over the load, from NTFS and through real-time virus
-    scanning. One sequential pass first turns them into memory hits. Reading the files into Python objects instead
-    (the libraries' disable_mmap) does one sequential read too, but then copies every byte twice more and holds
-    the file in memory beside its tensors. On Linux the page cache already serves the map well, so the extra pass
-    would only cost time."""
+    is one small disk read per cluster of pages, scattered over the load. One sequential pass first turns them
+    into memory hits. Reading the files into Python objects instead (the libraries' disable_mmap) does one
+    sequential read too, but then copies every byte twice more and holds the file in memory beside its tensors.
+    On Linux the page cache already serves the map well, so the extra pass would only cost time."""
     return platform == "win32"
 
 
