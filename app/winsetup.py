@@ -154,7 +154,7 @@ def known_torch_range() -> str:
 # ---------------------------------------------------------------------------------------------
 
 def compile_cache_dir(models_dir: Path) -> Path:
-    """Where Inductor's and Triton's caches live (app.speedups uses the same folder)."""
+    """Where Inductor's and Triton's caches live: app.speedups and the launcher's Triton check share it."""
     return models_dir / ".compile-cache"
 
 

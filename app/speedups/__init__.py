@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from app import winsetup
 from app.engine.device import is_out_of_memory
 from app.speedups.precompile import Helpers, PrecompileJob, begin_helpers, graph_store_root, mark_done
 from app.speedups.unet import AccelReport, apply_accel, has_triton, remove_accel
@@ -92,7 +93,7 @@ def start(options: Any, *, models_dir: Path, model_dir: Path, device: torch.devi
         device, dtype, offload: where and how the sampler will run.
         warmup_shape: (resolution, frames, classifier-free guidance on) of the warm-up generation.
     """
-    cache_dir = models_dir / ".compile-cache" if options.compile_cache else None
+    cache_dir = winsetup.compile_cache_dir(models_dir) if options.compile_cache else None
     job = precompile_job(options, model_dir, device, dtype, offload, warmup_shape)
     helpers = begin_helpers(job, options.compile_helpers, cache_dir) if job is not None and cache_dir else None
     return Speedups(options, cache_dir=cache_dir, job=job, helpers=helpers)
