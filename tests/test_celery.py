@@ -450,7 +450,8 @@ def test_an_unreachable_broker_at_start_is_an_error_naming_its_url(tmp_path, sha
     assert f"无法连接任务代理(Redis){shown}" in caught.value.zh
     assert "s3cret" not in caught.value.en + caught.value.zh
 
-    env = {**_worker_env(url, shared_models_dir, tmp_path / "logs"), "LANG": "C.UTF-8", "LC_ALL": ""}
+    env = {**_worker_env(url, shared_models_dir, tmp_path / "logs"), "LANG": "C.UTF-8", "LC_ALL": "",
+           "LC_MESSAGES": ""}  # English messages
     commands = {"worker": ["worker", "--model", "tiny", "--device", "cpu"],
                 "serve": ["serve", "--model", "tiny", "--port", str(_free_port())]}
     for name, args in commands.items():
