@@ -477,6 +477,7 @@ OPTIONS = {
     "det": "Inductor's deterministic mode: a restart computes the same frames",
     "prof": "unetcall only: a kernel profile of the call",
     "nogn": "without the few-row GroupNorm form that runs where the UNet is not compiled",
+    "gnall": "the GroupNorm form of nogn for every call, however many rows (study)",
 }
 # The study-only scopes: one transformer kind compiled whole, the other per block (compile time vs speed).
 STUDY_REGION_SETS = {
@@ -562,12 +563,18 @@ def study_options(variant: str):
     backends = [getattr(SDPBackend, SDPA_OPTIONS[o]) for o in sorted(opts & set(SDPA_OPTIONS))]
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark or "cudnnbench" in opts
+    from app.speedups import rewrites
+
+    few_rows = rewrites.FEW_GROUP_ROWS
+    if "gnall" in variant.split("+"):
+        rewrites.FEW_GROUP_ROWS = 2 ** 62
     try:
         with inductor_config.patch(patch), functorch_config.patch(enable_autograd_cache=not backends), \
                 (sdpa_kernel(backends) if backends else contextlib.nullcontext()):
             yield
     finally:
         torch.backends.cudnn.benchmark = benchmark
+        rewrites.FEW_GROUP_ROWS = few_rows
 
 
 def part_unetcall(ctx, res, frames):
@@ -842,13 +849,13 @@ def part_notriton(ctx, res, frames):
     req = ctx.request(res, frames)
     shared = ctx.shared_inputs(req)
     s = ctx.sampler()
-    real = accel.has_triton
-    accel.has_triton = lambda: False
+    real = accel.triton_unusable
+    accel.triton_unusable = lambda: ("Triton hidden by the benchmark", "基准测试隐藏了 Triton")
     try:
         report = accel.apply_accel(s, **variant_kwargs(ctx.args.speedups, ctx.out / "compile-cache"))
         stats, out = run_ours(ctx, s, req, shared, ctx.args.runs)
     finally:
-        accel.has_triton = real
+        accel.triton_unusable = real
         accel.remove_accel(s)
         gc.collect()
         if ctx.device.type == "cuda":

@@ -19,7 +19,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARK = REPO / "benchmarks" / "benchmark.py"
 # fp32ref512 first: then ref512 also reports diffusers' own error vs fp32, the yardstick for ours.
-PARTS = ("load", "fp32ref512", "ref512", "compile512", "lowvram", "stability", "sizeswitch", "segments")
+PARTS = ("load", "fp32ref512", "ref512", "compile512", "lowvram", "stability", "sizeswitch", "segments", "notriton512",
+         "waittime")
 
 
 def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
@@ -62,6 +63,13 @@ def test_benchmark_tiny_runs_every_cpu_part_and_writes_its_json(tmp_path):
     assert switch["ok"] is True and switch["rel_diff_first_vs_last"] == 0.0
     low = json.loads((out / "lowvram.json").read_text())
     assert low["median_s"] > 0
+    hidden = json.loads((out / "notriton512.json").read_text())
+    assert hidden["steps"] == 2 and hidden["speedups"]["compile"] == "off" and hidden["median_s"] > 0
+    wait = json.loads((out / "waittime.json").read_text())
+    assert wait["mp4_written"] is True and wait["runs"] == 3
+    parts = wait["service_median"]
+    assert {"engine", "write_mp4", "release_memory", "save_input_image", "resolve"} <= set(parts), parts
+    assert parts["engine"] < parts["wall_s"] and abs(parts["unaccounted_s"]) < parts["wall_s"]
 
     table = proc.stdout[proc.stdout.rindex("GPU: cpu"):]
     for row in ("compile512", "ref512", "lowvram", "load:", "stability:"):
@@ -252,4 +260,5 @@ def test_the_default_speedups_are_the_apps():
     assert benchmark.variant_kwargs(benchmark.app_variant(), cache) == {
         "scope": o.compile, "regions": o.regions, "cuda_graphs": o.cuda_graphs, "temporal_conv2d": o.temporal_conv2d,
         "temporal_attention": o.temporal_attention, "share_cfg_prefix": o.share_cfg_prefix,
-        "deterministic": o.deterministic, "cache_dir": cache, "graph_store": graph_store_root(cache) if o.graph_store else None}
+        "deterministic": o.deterministic, "cache_dir": cache, "graph_store": graph_store_root(cache) if o.graph_store else None,
+        "few_row_group_norm": True}
