@@ -939,7 +939,16 @@ def part_waittime(ctx):
         for mod, name, fn in originals:
             setattr(mod, name, fn)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    ctx.save("waittime", {"what": "service total vs the engine alone, and where the service's time goes (medians)",
+    # release_memory's two halves, timed apart once more after a run.
+    svc.generate(GenerationRequest(image=_image_array(ctx), prompt=ctx.prompt, seed=0, video=video))
+    t = time.perf_counter()
+    gc.collect()
+    gc_s = time.perf_counter() - t
+    t = time.perf_counter()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    empty_cache_s = time.perf_counter() - t
+    ctx.save("waittime", {"gc_collect_s": gc_s, "empty_cache_s": empty_cache_s, "what": "service total vs the engine alone, and where the service's time goes (medians)",
                           "res": res, "frames": frames, "steps": ctx.args.steps, "runs": n,
                           "speedups": getattr(sampler, "_bench_variant", "eager"), "mp4_written": real_writer,
                           "engine_alone_median_s": statistics.median(engine_alone), "service_median": med,
@@ -973,6 +982,73 @@ def part_segments(ctx):
                           "speedups": getattr(ctx.base_sampler, "_bench_variant", "eager"), "runs": rows,
                           "three_singles_s": sum(r["wall_s"] for r in singles),
                           "mp4_written": real_writer})
+
+
+def part_cfg_parallel(ctx):
+    """One video (512² x 16 frames, --steps steps, guidance 9) made by the app's own load_engine twice, with the
+    config's speedups: on the first GPU of --gpus alone, then CFG-parallel on both (each GPU one half of the
+    guidance pair). Load and warm-up time, time per run, the relative error of the two videos' frames, and the
+    peak memory of each GPU."""
+    import gc
+
+    from app.config import load_settings
+    from app.engine.loader import load_engine
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if ctx.device.type != "cuda" or count < 2:
+        raise SystemExit("cfg_parallel times one video on one GPU and on two: it needs 2 CUDA GPUs (not --tiny); "
+                         f"this machine has {count}")
+    ids = [int(i) for i in ctx.args.gpus.split(",")]
+    if max(ids) >= count:
+        raise SystemExit(f"--gpus {ctx.args.gpus}: this machine has {count} CUDA GPUs")
+    folder = saved_model(ctx)
+    # The benchmark's own copy of the model would count in the first GPU's peak: only the app's loads stay.
+    ctx._parts = ctx._sampler = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = {"source": str(folder), "variant": "fp16", "low_vram": "off"}
+    paths = {"models": str(ctx.out / "cfg-parallel-models"), "logs": str(ctx.out / "cfg-parallel-logs")}
+    req = ctx.request(512, 16)
+    result = {"what": "one video on one GPU, then CFG-parallel on two", "res": 512, "frames": 16,
+              "steps": ctx.args.steps, "gpus": ctx.args.gpus}
+    frames = {}
+    for label, gpus in (("one_gpu", str(ids[0])), ("two_gpus", ctx.args.gpus)):
+        settings = load_settings(environ={}, overrides={"model": {**model, "gpus": gpus}, "paths": paths})
+        t = time.perf_counter()
+        engine = load_engine(settings)
+        load_s = time.perf_counter() - t
+        parallel = engine.parallel
+        if label == "two_gpus" and (parallel is None or not parallel.active):
+            raise RuntimeError(f"CFG-parallel did not start: {engine.speedups['notes']}")
+        noise = torch.randn(engine.sampler.latent_shape(req), generator=torch.Generator().manual_seed(99))
+        times = []
+        for i in range(ctx.args.runs + 1):
+            torch.cuda.reset_peak_memory_stats(engine.device)
+            if parallel is not None:
+                parallel.reset_peak()
+            torch.cuda.synchronize(engine.device)
+            t = time.perf_counter()
+            out, stages, _ = engine.sampler.generate(req, latents=noise)
+            torch.cuda.synchronize(engine.device)
+            if i:
+                times.append(time.perf_counter() - t)
+        peaks = [torch.cuda.max_memory_allocated(engine.device) / GIB]
+        peaks += [parallel.peak_gib()] if parallel is not None else []
+        frames[label] = out.float().cpu()
+        result[label] = {"devices": [str(d) for d in parallel.devices] if parallel else [str(engine.device)],
+                         "load_s": load_s, "warmup_s": engine.warmup_s, "median_s": statistics.median(times),
+                         "runs_s": times, "stages_s": stages, "peak_gib_per_gpu": peaks, "speedups": engine.speedups,
+                         "rank1_speedups": parallel.rank1_speedups if parallel else None}
+        if parallel is not None:
+            parallel.close()
+        del engine, parallel, out
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    result["rel_err_two_vs_one"] = rel_err(frames["two_gpus"], frames["one_gpu"])
+    result["max_abs_two_vs_one"] = float((frames["two_gpus"] - frames["one_gpu"]).abs().max())
+    result["one_over_two"] = result["one_gpu"]["median_s"] / result["two_gpus"]["median_s"]
+    ctx.save("cfg_parallel", result)
 
 
 def part_oom(ctx):
