@@ -73,8 +73,8 @@ def _beats(client) -> dict[str, dict]:
 class Workers:
     """`python -m app worker` processes on one broker; stopped (their process groups) by stop()."""
 
-    def __init__(self, url: str, models: Path, logs: Path, device: str):
-        self.url, self.models, self.logs, self.device = url, models, logs, device
+    def __init__(self, url: str, models: Path, logs: Path, device: str, model: str = "tiny"):
+        self.url, self.models, self.logs, self.device, self.model = url, models, logs, device, model
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str) -> None:
@@ -82,7 +82,7 @@ class Workers:
                "I2V_PATHS__LOGS": str(self.logs), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         out = (self.logs / f"{name}.out").open("w")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "app", "worker", "--model", "tiny", "--device", self.device, "--name", name],
+            [sys.executable, "-m", "app", "worker", "--model", self.model, "--device", self.device, "--name", name],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, client, timeout: float = 300) -> None:
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    ap.add_argument("--model", default="tiny",
+                    help="what the workers and the direct service load: tiny, or a model folder (e.g. the full-size "
+                         "random model benchmarks/benchmark.py --parts load saves), on --device")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -141,13 +144,14 @@ def main(argv: list[str] | None = None) -> dict:
         models, logs = root / "models", root / "logs"
         models.mkdir()
         logs.mkdir()
-        ensure_tiny_model(models)
+        if args.model == "tiny":
+            ensure_tiny_model(models)
         server = None
         url = args.broker
         if url is None:
             server, url = _start_redis(root)
         client = redis.Redis.from_url(url)
-        workers = Workers(url, models, logs, args.device)
+        workers = Workers(url, models, logs, args.device, args.model)
         try:
             end = time.monotonic() + 15
             while True:
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "paths": {"models": str(models)}, "service": {"backend": "celery", "broker_url": url}})
             direct_settings = load_settings(root=root, environ={}, overrides={
                 "paths": {"models": str(models), "outputs": str(root / "direct-outputs")}})
-            direct = GenerationService(direct_settings, lambda: load_engine(direct_settings, source="tiny",
+            direct = GenerationService(direct_settings, lambda: load_engine(direct_settings, source=args.model,
                                                                             device=args.device))
             direct.load()
             queue = JobQueue(GenerationService(settings, lambda: None), settings)
@@ -207,11 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
                         raise SystemExit(f"job {job.id} ended {done.state.value}: {done.error_en}")
                 return time.perf_counter() - started
 
-            one = batch(args.batch)
-            workers.start("bench-2@bench")
-            workers.wait_ready(client)
-            batch(2)  # the new worker's first video (warm-up)
-            two = batch(args.batch)
+            one = two = 0.0
+            if args.batch:  # --batch 0: the overhead only (e.g. one GPU, which two workers would share)
+                one = batch(args.batch)
+                workers.start("bench-2@bench")
+                workers.wait_ready(client)
+                batch(2)  # the new worker's first video (warm-up)
+                two = batch(args.batch)
             queue.stop()
         finally:
             workers.stop()
@@ -219,26 +225,27 @@ def main(argv: list[str] | None = None) -> dict:
                 server.terminate()
                 server.wait(15)
     results = {
-        "device": args.device, "size": f"{args.resolution}px x {args.frames} frames, {args.steps} steps",
+        "model": args.model, "device": args.device, "size": f"{args.resolution}px x {args.frames} frames, {args.steps} steps",
         "jobs": args.jobs, "queued_wall_median_ms": _median_ms(walls), "direct_median_ms": _median_ms(directs),
         "queue_own_median_ms": _median_ms(own),
         "queue_own_p90_ms": round(sorted(own)[int(0.9 * (len(own) - 1))] * 1000, 1),
         "wall_minus_direct_median_ms": round(_median_ms(walls) - _median_ms(directs), 1),
         "batch": args.batch, "one_worker_s": round(one, 2), "two_workers_s": round(two, 2),
-        "one_worker_jobs_per_min": round(args.batch / one * 60, 1),
-        "two_workers_jobs_per_min": round(args.batch / two * 60, 1),
+        "one_worker_jobs_per_min": round(args.batch / one * 60, 1) if one else None,
+        "two_workers_jobs_per_min": round(args.batch / two * 60, 1) if two else None,
         "cpu_cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
     }
-    print(f"celery backend, tiny model on {results['device']}, {results['size']}, {results['cpu_cores']} cores "
+    print(f"celery backend, model {args.model} on {results['device']}, {results['size']}, {results['cpu_cores']} cores "
           f"(load average {results['load_average_1min']}: other work on the machine slows both sides)")
     print(f"  one job at a time ({args.jobs} jobs): through the queue median {results['queued_wall_median_ms']:.1f} ms,"
           f" direct service.generate median {results['direct_median_ms']:.1f} ms")
     print(f"  the queue's own time per job: median {results['queue_own_median_ms']:.1f} ms "
           f"(p90 {results['queue_own_p90_ms']:.1f} ms); queued - direct medians "
           f"{results['wall_minus_direct_median_ms']:.1f} ms")
-    print(f"  {args.batch} jobs at once: 1 worker {results['one_worker_s']:.2f} s "
-          f"({results['one_worker_jobs_per_min']:.1f} jobs/min), 2 workers {results['two_workers_s']:.2f} s "
-          f"({results['two_workers_jobs_per_min']:.1f} jobs/min)")
+    if args.batch:
+        print(f"  {args.batch} jobs at once: 1 worker {results['one_worker_s']:.2f} s "
+              f"({results['one_worker_jobs_per_min']:.1f} jobs/min), 2 workers {results['two_workers_s']:.2f} s "
+              f"({results['two_workers_jobs_per_min']:.1f} jobs/min)")
     if args.json:
         print(json.dumps(results))
     return results
