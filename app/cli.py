@@ -68,6 +68,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="another config file instead of configs/config.yaml")
 
 
+def _add_gpus_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", metavar="IDS", help='GPU indices: "0,1" makes each video on two GPUs (each computes one '
+                                                 'half of the guidance pair), "1" uses that GPU, "" one GPU '
+                                                 "(default: model.gpus in the config)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description="Image-to-Video with I2VGen-XL",
                                      epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the web UI", epilog=EXIT_CODES_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_flags(serve)
+    _add_gpus_flag(serve)
     serve.add_argument("--port", type=int, help="port of the web UI (default: server.port, 7860)")
     serve.add_argument("--listen", action="store_true", help="bind 0.0.0.0 so other machines on the LAN can connect")
     serve.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
@@ -85,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="make one video from an image and a prompt", epilog=EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_flags(gen)
+    _add_gpus_flag(gen)
     gen.add_argument("--image", required=True, type=Path, help="input image (PNG, JPEG, WebP, …)")
     gen.add_argument("--prompt", required=True, help="what should happen in the video")
     gen.add_argument("--negative-prompt", help="what the video should not show (default from the config)")
@@ -190,6 +198,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out["model"]["device"] = "cuda"  # the one GPU CUDA_VISIBLE_DEVICES leaves visible
     if getattr(args, "low_vram", None):
         out["model"]["low_vram"] = args.low_vram
+    if getattr(args, "gpus", None) is not None:
+        out["model"]["gpus"] = args.gpus
     if getattr(args, "port", None) is not None:
         out["server"]["port"] = args.port
     if getattr(args, "listen", False):

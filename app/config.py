@@ -47,11 +47,22 @@ class ModelSettings(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     low_vram: Literal["auto", "on", "off"] = Field("auto", description="model CPU offload and chunked decoding")
     low_vram_threshold_gib: float = Field(12.0, ge=0.0, description="free VRAM under which auto picks low-VRAM")
+    gpus: str = Field("", description='GPU indices: "" (one GPU, model.device), "1" (that GPU) or "0,1" (one video '
+                                      'on two GPUs, each computing one half of the guidance pair)')
 
     @field_validator("variant", mode="before")
     @classmethod
     def _empty_variant(cls, value: Any) -> Any:
         return "" if value is None else value
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_list(cls, value: str) -> str:
+        parts = [part.strip() for part in value.split(",")] if value.strip() else []
+        if not all(part.isascii() and part.isdigit() for part in parts) or len(parts) > 2 \
+                or len(set(map(int, parts))) < len(parts):
+            raise ValueError('use "" (one GPU), one GPU index such as "1", or two different ones such as "0,1"')
+        return ",".join(str(int(part)) for part in parts)
 
 
 class GenerationDefaults(VideoParams):

@@ -558,6 +558,9 @@ class GenerationService:
         with self._gpu_lock:
             started = time.perf_counter()
             gpu.reset_peak(engine.device)
+            parallel = getattr(engine, "parallel", None)  # CFG-parallel on a second GPU (app.engine.cfg_parallel)
+            if parallel is not None:
+                parallel.reset_peak()
             timings: dict[str, float] = {}
             truncated = False
             current = image
@@ -583,6 +586,8 @@ class GenerationService:
                 entries.append({"index": index, "seed": seg.seed, "prompt": seg.prompt,
                                 "input": "image" if index == 1 else "previous segment's last frame"})
             peak = gpu.peak_gib(engine.device)
+            if parallel is not None and parallel.fallback is not None:  # the second GPU stopped: say so each time
+                warnings.append(Message(*parallel.fallback))
             assert frames is not None
             write_start = time.perf_counter()
             metadata = {
@@ -607,6 +612,8 @@ class GenerationService:
                 "dtype": engine.dtype_name,
                 "low_vram": engine.offload,
                 "speedups": engine.speedups,
+                "cfg_parallel": parallel.report(peak) if parallel is not None and parallel.active
+                and sample.guidance_scale > 1.0 else None,
                 "input_image_size": list(image.size),
                 "prompt_truncated": truncated,
                 "warnings": [w.en for w in warnings],

@@ -1404,7 +1404,7 @@ def table(out: Path) -> None:
             if "stages_s" in r:
                 print("    stages: " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items())
                       + f"; warm-up {r['warmup_s']:.1f} s")
-    for name in ("load", "fp32ref512", "stability", "oom", "coldstart", "appstart", "verify512"):
+    for name in ("load", "fp32ref512", "stability", "oom", "coldstart", "appstart", "verify512", "cfg_parallel"):
         if name in rows:
             r = {k: v for k, v in rows[name].items() if k not in ("part", "device", "torch", "date")}
             print(f"{name}: {json.dumps(r)[:400]}")
@@ -1430,6 +1430,8 @@ PARTS = {  # name: what it measures (512: 512² x 16 frames, 768: 768² x 24 fra
     "sizeswitch": "512, 384, then 512 again with --speedups: the frames repeat and memory comes back",
     "verify512": "each speedup path vs eager fp16 on other weights than the stored graphs' (CUDA only): errors",
     "segments": "a video extended to 3 segments beside 3 single clips (512² x 16 each): time, peak memory",
+    "cfg_parallel": "one 512² x 16 video on one GPU, then CFG-parallel on the two of --gpus: time, error, peak "
+                    "memory per GPU",
     "notriton512": "the app's --speedups with Triton hidden (a Windows PC without triton-windows): time, errors",
     "waittime": "the service's total for standard videos beside the engine alone, and where the difference goes",
 }
@@ -1473,6 +1475,7 @@ def main() -> None:
     ap.add_argument("--appstart-starts", type=int, default=2, help="appstart: starts per config (first, restarts)")
     ap.add_argument("--stability-runs", type=int, default=20,
                     help="stability: standard runs in a row; then half as many high-quality ones")
+    ap.add_argument("--gpus", default="0,1", help="cfg_parallel: the two GPUs, by index (default 0,1)")
     args = ap.parse_args()
     args.speedups = args.speedups or app_variant()
     if args.first_result:
@@ -1488,6 +1491,9 @@ def main() -> None:
     unknown = [n for n in names if n not in PARTS]
     if unknown:
         ap.error(f"unknown parts {', '.join(unknown)}; use some of {', '.join(PARTS)}")
+    ids = [i.strip() for i in args.gpus.split(",")]
+    if "cfg_parallel" in names and (len(ids) != 2 or not all(i.isdigit() for i in ids) or int(ids[0]) == int(ids[1])):
+        ap.error("--gpus: use two different GPU indices such as 0,1")
     for variant in [args.speedups, *args.variants.split(",")] if names else []:
         try:
             variant_kwargs(variant)  # a typo stops the run now, not after an hour of other parts
@@ -1513,6 +1519,7 @@ def main() -> None:
         "sizeswitch": lambda: part_sizeswitch(ctx),
         "verify512": lambda: part_verify(ctx, 512, 16),
         "segments": lambda: part_segments(ctx),
+        "cfg_parallel": lambda: part_cfg_parallel(ctx),
         "notriton512": lambda: part_notriton(ctx, 512, 16),
         "waittime": lambda: part_waittime(ctx),
     }

@@ -123,8 +123,8 @@ def image_rgb() -> np.ndarray:
 # to whichever worker is free. xdist's own --dist loadgroup cannot do this on pytest 9.2 (it marks a group
 # by rewriting node ids, which pytest no longer reads back), so the scheduler below groups by file name.
 ONE_WORKER_FILES = ("test_ui_api.py", "test_ui_browser.py", "test_start_app_bat.py", "test_torture_inputs.py",
-                    "test_security.py", "test_api_clients.py", "test_load.py", "test_ui_queue.py",
-                    "test_celery.py")
+                    "test_security.py", "test_api_clients.py", "test_load.py", "test_ui_queue.py", "test_celery.py",
+                    "test_cfg_parallel.py")
 
 # The longest tests (Inductor compiles in child processes, diffusers' reference pipeline), longest first.
 # They are handed out first, so that none of them starts late and keeps one worker busy after the others

@@ -20,6 +20,7 @@ from app.engine import device as gpu
 from app.engine.components import load_components, resolve_model_dir, snapshot_revision
 from app.engine.sampler import I2VGenXLSampler, SampleRequest
 from app.engine.tiny import TINY_MODEL_ID, ensure_tiny_model
+from app.errors import AppError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class LoadedEngine:
     speedups: dict = field(default_factory=lambda: {"compile": "off", "notes": []})
     warmup_s: float | None = None  # compile warm-up at start-up; None when there was none
     helpers: dict | None = None  # what the compile helpers did at start-up; None when none ran
+    # CFG-parallel's rank 0 (app.engine.cfg_parallel.CfgParallel) where model.gpus names two GPUs; None otherwise.
+    parallel: Any = None
 
 
 # What load_engine is doing, for a status line: reading the weights, or compiling (first time, or with the
@@ -65,7 +68,13 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
     """
     say = on_stage or (lambda stage: None)
     source = source or settings.model.source
-    dev = gpu.resolve_device(device or settings.model.device)
+    name, pair, parallel_notes = device or settings.model.device, None, []
+    if settings.model.gpus:
+        from app.engine import cfg_parallel
+
+        name, pair, note = cfg_parallel.plan_devices(settings.model.gpus, name)
+        parallel_notes += [note] if note else []
+    dev = gpu.resolve_device(name)
     dtype = gpu.resolve_dtype(settings.model.dtype, dev)
     demo = source == TINY_MODEL_ID
     if demo:
@@ -77,21 +86,37 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
         revision = snapshot_revision(model_dir) or settings.model.revision
     offload = gpu.choose_offload(settings.model.low_vram, dev, settings.model.low_vram_threshold_gib)
     log.info("loading %s from %s on %s (%s%s)", source, model_dir, dev, dtype, ", low-VRAM" if offload else "")
+    if pair is not None and offload:
+        parallel_notes.append("CFG-parallel skipped: low-VRAM mode moves the UNet between devices")
+        pair = None
     skipped = speedups_skipped(settings, dev, offload)
     speedups = None
     if skipped is None:
         from app import speedups as optional  # imported only where it can act
 
         d = settings.defaults
+        # With CFG-parallel each GPU runs one half of the pair: the warm-up compiles the UNet at batch 1.
+        pairs = d.guidance_scale > 1.0 and pair is None
         speedups = optional.start(settings.speedups, models_dir=settings.path("models"), model_dir=model_dir,
                                   device=dev, dtype=dtype, offload=offload,
-                                  warmup_shape=(d.resolution, d.num_frames, d.guidance_scale > 1.0))
+                                  warmup_shape=(d.resolution, d.num_frames, pairs))
+    parallel = None
     try:
+        if pair is not None:
+            from app.engine.cfg_parallel import CfgParallel, CfgParallelError
+
+            # Started before the weights are read: the second GPU's process reads its own copy meanwhile.
+            try:
+                parallel = CfgParallel.launch(settings, source=source, devices=pair)
+            except CfgParallelError as exc:
+                parallel_notes.append(f"CFG-parallel off: {exc.en}")
         say("weights")
         components = load_components(model_dir, dtype=dtype, variant=settings.model.variant, model_id=source,
                                      revision=revision)
         sampler = I2VGenXLSampler(components, dev, dtype, offload=offload)
         sampler.place()
+        if parallel is not None and not parallel.attach(sampler):
+            parallel_notes.append(parallel.why_off or "CFG-parallel off")
         report: dict = {"compile": "off", "notes": [skipped] if skipped else []}
         if speedups is not None:
             cache = speedups.cache_dir
@@ -99,16 +124,26 @@ def load_engine(settings: Settings, *, source: str | None = None, device: str | 
 
             def warm() -> float:
                 say("compile_cached" if cached else "compile_first")
-                return warmup(sampler, settings)
+                try:
+                    return warmup(sampler, settings)
+                except AppError:
+                    if parallel is None or parallel.active:
+                        raise
+                    return warmup(sampler, settings)  # the second GPU stopped: warm up on one instead
 
             report = asdict(speedups.apply(sampler, warm))
+        report["notes"] = [*report["notes"], *parallel_notes]
+    except BaseException:
+        if parallel is not None:
+            parallel.close()
+        raise
     finally:
         if speedups is not None:
             speedups.close()
     return LoadedEngine(sampler=sampler, model_id=source, revision=revision, demo=demo, device=dev,
                         dtype_name=str(dtype).removeprefix("torch."), offload=offload, speedups=report,
                         warmup_s=speedups.warmup_s if speedups else None,
-                        helpers=speedups.helpers_done if speedups else None)
+                        helpers=speedups.helpers_done if speedups else None, parallel=parallel)
 
 
 def warmup(sampler: I2VGenXLSampler, settings: Settings) -> float:

@@ -146,6 +146,10 @@ class I2VGenXLSampler:
         # call is a CFG pair).
         self.denoise_fn: Callable[..., torch.Tensor] = self._unet_forward
         self.loop_context: Callable[[bool], ContextManager[Any]] = lambda cfg: contextlib.nullcontext()
+        # CFG-parallel (app.engine.cfg_parallel) may set this: given a guided run's timesteps, text embeddings,
+        # fps, image latents and image embedding, it returns a context whose value stands in for the
+        # batch-of-two UNet call of each step (each half computed on its own GPU, each at batch 1).
+        self.cfg_split: Callable[..., ContextManager[Callable[..., torch.Tensor]]] | None = None
         self._placed = False
 
     # Placement ---------------------------------------------------------------------------------
@@ -304,15 +308,19 @@ class I2VGenXLSampler:
             done = i + 1
             notify(Progress("denoise", done, req.steps, elapsed, elapsed / done * (req.steps - done)))
 
+        split = self.cfg_split if do_cfg else None
+        pair = do_cfg and split is None  # the UNet sees the CFG pair as one batch of two
         will_compile = getattr(self.denoise_fn, "will_compile", None)
-        if will_compile is not None and will_compile((2 if do_cfg else 1, *shape[1:])):
+        if will_compile is not None and will_compile((2 if pair else 1, *shape[1:])):
             # The first step at a new size compiles first; say so rather than look stuck at step 0.
             notify(Progress("compile", 0, 1, 0.0, None))
-        with self._on_device(self.c.unet), self.loop_context(do_cfg):
+        unet_calls = (split(table.timesteps, text, fps, image_latents, image_emb) if split is not None
+                      else contextlib.nullcontext(self.denoise_fn))
+        with self._on_device(self.c.unet), self.loop_context(pair), unet_calls as unet:
             for i, t in enumerate(table.timesteps):
                 check_cancel()
                 model_in = torch.cat([x, x]) if do_cfg else x
-                out = self.denoise_fn(model_in.to(self.dtype), t, text, fps, image_latents, image_emb).float()
+                out = unet(model_in.to(self.dtype), t, text, fps, image_latents, image_emb).float()
                 if do_cfg:
                     uncond, cond = out.chunk(2)
                     out = uncond + req.guidance_scale * (cond - uncond)
