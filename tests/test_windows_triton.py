@@ -80,7 +80,8 @@ class FakeMachine:
         self.pip_result, self.check_result = pip_result, check_result
         self.pip_calls: list[list[str]] = []
         self.check_calls: list[tuple[list[str], dict]] = []
-        self.vcredist, self.long_paths, self.now = True, None, 1_000_000.0
+        # Long paths on, so a deep tmp_path gives no warning; the long-path test switches them off.
+        self.vcredist, self.long_paths, self.now = True, True, 1_000_000.0
         self.notes: list[tuple[str, str]] = []
 
     def probe(self, python):
@@ -252,6 +253,7 @@ def test_a_chinese_temp_folder_moves_under_the_compile_cache_for_the_check(tmp_p
 def test_a_long_cache_path_warns_with_the_long_paths_fix_unless_long_paths_are_on(tmp_path):
     deep = tmp_path / ("a-rather-long-folder-name-" * 4)
     m = FakeMachine(tmp_path, installed="3.8.0.post29", project=deep)
+    m.long_paths = None  # the switch cannot be read, as when it was never set
     m.run()
     warnings = [text for level, text in m.notes if level == "WARN"]
     assert len(warnings) == 2 and "LongPathsEnabled" in warnings[0] and "长路径" in warnings[1]
