@@ -2,9 +2,10 @@
 pair, on the CPU with the gloo backend and the tiny model.
 
 The GPU path (NCCL) is the same code with CUDA tensors; here the second "GPU" is a second process on the CPU.
-One pair of processes, started through the real loader, serves the tests of this file in order (the file runs on
-one worker as a whole, see ONE_WORKER_FILES in conftest.py): equal frames, guidance 1.0, cancel, and last a
-killed second process and the fallback to one device.
+One pair of processes, started through the real loader, serves the first tests of this file in order (the file
+runs on one worker as a whole, see ONE_WORKER_FILES in conftest.py): equal frames, guidance 1.0, cancel, a half
+that fails in the second process, and last the second process killed mid-video and the fallback to one device.
+Then second processes that never answer or cannot load the model, one at a time (one group per process).
 """
 
 from __future__ import annotations
@@ -146,6 +147,29 @@ def test_cancel_stops_both_processes_at_the_next_step_and_writes_nothing(pair, i
     assert meta["cfg_parallel"]["devices"] == ["cpu", "cpu"] and meta["cfg_parallel"]["backend"] == "gloo"
     assert meta["cfg_parallel"]["peak_vram_gib"] == [None, None]  # no GPU memory on the CPU
     assert parallel.last_run["steps"] == 2 and result.warnings == []
+
+
+def test_a_half_that_fails_on_the_second_process_is_a_clear_error_and_both_go_on(pair):
+    _, engine = pair
+    sampler, parallel = engine.sampler, engine.parallel
+    width = sampler.c.unet.config.cross_attention_dim
+    latents = torch.zeros(2, 4, 4, 8, 8)
+    wrong_text = torch.zeros(2, 77, width + 1)  # rank 1's real UNet cannot take these embeddings
+    timesteps, fps, image_emb = torch.tensor([999, 499]), torch.tensor([8, 8]), torch.zeros(2, 1, width)
+    own = sampler.denoise_fn
+    sampler.denoise_fn = lambda sample, *rest: torch.zeros_like(sample)  # rank 0's half succeeds
+    try:
+        with pytest.raises(CfgParallelError) as failed:
+            with parallel.run(timesteps, wrong_text, fps, latents, image_emb) as unet_pair:
+                unet_pair(latents, timesteps[0], wrong_text, fps, latents, image_emb)
+    finally:
+        sampler.denoise_fn = own
+    assert failed.value.en.startswith("The second GPU (cpu) failed during the run: RuntimeError: ")
+    assert failed.value.en.endswith("No video was written.")
+    assert failed.value.zh.startswith("第二块 GPU(cpu)在生成过程中出错:RuntimeError: ")
+    assert parallel.active and parallel._process.is_alive()  # both stayed in step: the next video uses both
+    sampler.generate(_request(steps=2))
+    assert parallel.last_run["steps"] == 2
 
 
 def test_a_killed_second_process_is_a_clear_error_then_one_device_runs(pair, image_rgb):
