@@ -55,7 +55,7 @@ def project(tmp_path: Path) -> Path:
     # Only the stdlib-only modules the launcher imports before anything is installed: if it needed
     # another part of the app, these tests would fail.
     for name in ("start_app.sh", "start_app.py", "pyproject.toml", "configs/config.yaml",
-                 "app/__init__.py", "app/diagnose.py", "app/hub.py"):
+                 "app/__init__.py", "app/diagnose.py", "app/hub.py", "app/winsetup.py"):
         shutil.copy2(ROOT / name, root / name)
     (root / "app" / "__main__.py").write_text(FAKE_APP_MAIN, encoding="utf-8")
     return root
