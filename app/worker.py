@@ -234,10 +234,10 @@ def run_job(task: Any, job_id: str, params: dict, image_b64: str, source: dict |
         if len(data) > limit:
             size = len(data) / 1024 / 1024
             return _failed(
-                f"The video is {size:.1f} MB, more than a worker may send back (service.max_result_mb = "
+                f"The video is {size:.3g} MB, more than a worker may send back (service.max_result_mb = "
                 f"{service_settings.max_result_mb:g}). Make it shorter or smaller, or raise service.max_result_mb "
                 "on the workers.",
-                f"视频大小为 {size:.1f} MB,超过 worker 可回传的上限(service.max_result_mb = "
+                f"视频大小为 {size:.3g} MB,超过 worker 可回传的上限(service.max_result_mb = "
                 f"{service_settings.max_result_mb:g})。请缩短视频或降低分辨率,或在 worker 上调高 service.max_result_mb。")
         metadata = json.loads(result.metadata_path.read_text(encoding="utf-8"))
         metadata["worker"] = {"name": name, "pid": os.getpid(), "attempt": attempt}

@@ -397,6 +397,40 @@ def test_the_celery_app_takes_json_only_and_hands_a_dead_workers_job_on():
     assert masked_url("redis://host:6379/0") == "redis://host:6379/0"
 
 
+def test_a_video_over_max_result_mb_fails_its_job_with_its_size_and_the_setting(tmp_path, monkeypatch):
+    """The worker sends back no video larger than service.max_result_mb: the job fails saying how large it was
+    and which setting to raise (here with a stand-in model that makes a 5 kB "video" and a cap of 1 kB)."""
+    from app import worker
+    from app.config import load_settings
+
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"\0" * 5000)
+    video.with_suffix(".json").write_text("{}", encoding="utf-8")
+
+    class Service:
+        def generate(self, req, on_progress=None, cancel=None):
+            return SimpleNamespace(video_path=video, metadata_path=video.with_suffix(".json"), warnings=[])
+
+    class Redis:
+        def incr(self, key):
+            return 1
+
+        def expire(self, key, seconds):
+            return True
+
+        def exists(self, key):
+            return 0
+
+    settings = load_settings(environ={"I2V_SERVICE__MAX_RESULT_MB": "0.001"})
+    monkeypatch.setattr(worker, "_config", worker.WorkerConfig(settings=settings, name="w@tests", source="tiny"))
+    monkeypatch.setattr(worker, "_process", worker._Process(service=Service(), folder=tmp_path / "job", redis=Redis()))
+    task = SimpleNamespace(request=SimpleNamespace(id="job1-0001"), update_state=lambda **kw: None)
+    out = worker.run_job(task, "job1", {"prompt": "a cat", "video": {}}, "", None)
+    assert out["outcome"] == "failed" and "video_b64" not in out
+    assert "The video is 0.00477 MB, more than a worker may send back (service.max_result_mb = 0.001)" in out["en"]
+    assert "service.max_result_mb = 0.001" in out["zh"] and "视频大小为" in out["zh"]
+
+
 # The worker command ----------------------------------------------------------------------------------------
 
 WORKER_ENV_PROBE = """
