@@ -84,6 +84,7 @@ def run_worker(settings: Settings, *, source: str, name: str | None = None, gpu:
     ca.check_broker(settings.service.broker_url, who="worker")
     from celery import signals
 
+    settings = one_gpu(settings)
     _config = WorkerConfig(settings=settings, name=worker_name(name, gpu), source=source, gpu=gpu)
     app = ca.make_celery(settings.service)
     register(app)
@@ -99,6 +100,15 @@ def run_worker(settings: Settings, *, source: str, name: str | None = None, gpu:
             f"--queues={ca.QUEUE}", "--without-gossip", "--without-mingle", f"--loglevel={loglevel}"]
     code = app.worker_main(argv)
     return int(code or 0)
+
+
+def one_gpu(settings: Settings) -> Settings:
+    """The settings a worker runs with: one GPU per worker process (--gpu N), so a config's model.gpus (two GPUs
+    on one video, the local backend's mode) is dropped with a log line."""
+    if not settings.model.gpus:
+        return settings
+    log.info("worker ignores model.gpus=%s: one GPU per worker process", settings.model.gpus)
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"gpus": ""})})
 
 
 def register(app: Any) -> Any:

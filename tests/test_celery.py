@@ -555,3 +555,13 @@ def test_a_job_that_stops_every_worker_it_meets_is_failed_with_a_clear_message(w
     assert "stopped 2 workers" in done.error_en and "not run again" in done.error_en
     assert "2 个 worker" in done.error_zh
     assert _videos(queue) == []
+
+
+def test_a_worker_runs_on_one_gpu_whatever_model_gpus_says():
+    from app.config import load_settings
+    from app.worker import one_gpu
+
+    pair = load_settings(environ={"I2V_MODEL__GPUS": "0,1"})
+    assert pair.model.gpus == "0,1" and one_gpu(pair).model.gpus == ""
+    plain = load_settings(environ={})
+    assert one_gpu(plain) is plain
