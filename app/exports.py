@@ -427,7 +427,7 @@ def _lock(target: Path) -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             pid = _video._writer_pid(lock)
-            if pid is not None and not _video._pid_alive(pid):
+            if pid is not None and not _video.pid_alive(pid):
                 _video._unlink_quietly(lock)
                 continue
             break

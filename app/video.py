@@ -225,7 +225,7 @@ def remove_stale_partials(out_dir: Path, max_age_s: float = 3600.0, *, now: floa
             continue
         try:
             pid = _writer_pid(path)
-            if (pid is not None and not _pid_alive(pid)) or now - path.stat().st_mtime > max_age_s:
+            if (pid is not None and not pid_alive(pid)) or now - path.stat().st_mtime > max_age_s:
                 path.unlink()
                 removed.append(path)
         except OSError as exc:  # held open elsewhere (Windows) or already gone: try again next start
@@ -253,7 +253,7 @@ def _writer_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this machine (this process counts as running)."""
     if pid == os.getpid():
         return True

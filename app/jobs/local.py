@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from app.errors import AppError, CancelledError
 from app.jobs.store import Job, JobState, JobStore
+from app.video import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -43,35 +43,6 @@ def runner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (the same test as app.video's for its temp files)."""
-    if pid <= 0:
-        return False
-    if sys.platform == "win32":
-        import ctypes
-        from ctypes import wintypes
-
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        kernel32.OpenProcess.restype = wintypes.HANDLE
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return ctypes.get_last_error() == 5  # access denied: it exists, under another user
-        try:
-            code = wintypes.DWORD()
-            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-                return True
-            return code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
 def local_runner_alive(runner: str, *, me: str | None = None) -> bool:
     """Whether the local runner "host:pid" still runs. `me` is the runner of the process asking: a job that
     names it is from an earlier process that had the same id (process ids are reused, in containers
@@ -81,7 +52,7 @@ def local_runner_alive(runner: str, *, me: str | None = None) -> bool:
     host, _, pid = runner.rpartition(":")
     if runner == me or host != socket.gethostname() or not pid.isdigit():
         return False
-    return _pid_alive(int(pid))
+    return pid_alive(int(pid))
 
 
 class LocalWorker:
