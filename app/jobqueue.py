@@ -323,7 +323,7 @@ class JobQueue:
             raise outputs_error(exc, outputs) from None
         notes = [(str(en), str(zh)) for en, zh in result.get("warnings") or []]
         input_name = self._keep_input_beside(video.path, job, metadata)
-        exports, export_notes = self.service._make_exports(video.path, parse_exports(job.params.get("exports")), None)
+        exports, export_notes = self.service.make_exports(video.path, parse_exports(job.params.get("exports")), None)
         notes += [(w.en, w.zh) for w in export_notes]
         try:
             update_metadata(video, {"input_image": input_name, "exports": {k: v.name for k, v in exports.items()},

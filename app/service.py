@@ -643,7 +643,7 @@ class GenerationService:
                     kept_input = image
             input_name = save_input_image(kept_input, video.path)
             timings["write"] = time.perf_counter() - write_start
-            exports, export_warnings = self._make_exports(video.path, plan.exports, cancel)
+            exports, export_warnings = self.make_exports(video.path, plan.exports, cancel)
             warnings += export_warnings
             timings["total"] = time.perf_counter() - started
             metadata["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
@@ -669,7 +669,7 @@ class GenerationService:
                                 seed=metadata["seed"], timings_s=metadata["timings_s"], peak_vram_gib=peak,
                                 warnings=warnings, exports=exports)
 
-    def _make_exports(self, video: Path, kinds: list[str], cancel: threading.Event | None,
+    def make_exports(self, video: Path, kinds: list[str], cancel: threading.Event | None,
                       ) -> tuple[dict[str, Path], list[Message]]:
         """Each export of the finished `video`; one that fails becomes a warning, the video stays."""
         made: dict[str, Path] = {}
