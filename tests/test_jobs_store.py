@@ -207,3 +207,25 @@ def test_a_writer_killed_mid_transaction_leaves_the_database_intact(store):
     assert len(rows) % 200 == 0  # whole transactions only: the one cut off left no row
     job = JobStore(store.path).add({"prompt": "after"}, "")  # and it is still usable
     assert job.seq == len(rows) + 1
+
+
+def test_a_worker_stopped_while_another_thread_starts_it_never_joins_an_unstarted_thread(tmp_path):
+    """The app stops the queue while the loader's thread may be starting its worker: stop() waits for a start()
+    under way, and a start() after stop() starts nothing."""
+    import threading
+
+    from app.jobs.local import LocalWorker
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    for _ in range(50):
+        worker = LocalWorker(store, lambda job, report, cancel: "", poll_s=0.01)
+        starter = threading.Thread(target=worker.start)
+        starter.start()
+        worker.stop(timeout=5)  # must not raise "cannot join thread before it is started"
+        starter.join()
+        worker.stop(timeout=5)
+        assert worker._thread is None or not worker._thread.is_alive()
+    late = LocalWorker(store, lambda job, report, cancel: "", poll_s=0.01)
+    late.stop()
+    late.start()
+    assert late._thread is None

@@ -73,14 +73,18 @@ class LocalWorker:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()  # start() and stop() from different threads: the app's and the loader's
         self._current: tuple[str, threading.Event] | None = None
         self._last_error: AppError | None = None  # why the store could not be read, until it can again
 
     # Backend ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
-            self._thread.start()
+        """Start the worker thread, once; after stop() it is not started any more."""
+        with self._start_lock:
+            if self._thread is None and not self._stopping.is_set():
+                thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
+                thread.start()
+                self._thread = thread
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking jobs; a running one stops after its current step and goes back to the queue (the
@@ -90,8 +94,10 @@ class LocalWorker:
         with self._lock:
             if self._current is not None:
                 self._current[1].set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        with self._start_lock:  # a start() running in another thread has finished: its thread is started
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def wake(self) -> None:
         self._wake.set()
