@@ -450,6 +450,11 @@ def _checked_by_service(component_cls: type, unwrap: Any = None) -> type:
     return ABCMeta.__new__(type(component_cls), name, (component_cls,), attrs)
 
 
+# Page events that may tell the user something (gr.Info, gr.Warning): Gradio delivers those only from events of
+# its queue. Without a concurrency limit they never wait behind a running generation.
+NOTE_EVENT: dict[str, Any] = {"concurrency_limit": None, "api_visibility": "private"}
+
+
 def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -> "gr.Blocks":
     """The Gradio page around `service` (and the job queue `jobs`, an app.jobqueue.JobQueue, if given).
     Launch it with run_server(), which adds the translations."""
@@ -630,7 +635,7 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
 
         gallery.select(load_from_history, [history_paths],
                        [video, info, details, prompt, negative, *sliders, seed, preset, image, current_video,
-                        export_files, segments, crossfade], queue=False, api_visibility="private")
+                        export_files, segments, crossfade], **NOTE_EVENT)
 
         # Presets, seed, crop preview -------------------------------------------------------------
         def use_example(evt: gr.SelectData) -> tuple[str, str]:
@@ -649,7 +654,7 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
                 return gr.skip()
             return last
 
-        seed_reuse.click(reuse_seed, [last_seed], [seed], queue=False, api_visibility="private")
+        seed_reuse.click(reuse_seed, [last_seed], [seed], **NOTE_EVENT)
 
         def preview_crop(img: str | None, res: float, request: gr.Request) -> Any:
             if not img:
@@ -661,8 +666,7 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
                 return None
 
         for trigger in (image.change, resolution.change):
-            trigger(preview_crop, [image, resolution], [crop], queue=False, show_progress="hidden",
-                    api_visibility="private")
+            trigger(preview_crop, [image, resolution], [crop], show_progress="hidden", **NOTE_EVENT)
 
         # Generate and cancel ---------------------------------------------------------------------
         def make_video(image: Any, prompt: Any, negative_prompt: Any, video_values: dict[str, Any], seed: Any,

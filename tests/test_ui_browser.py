@@ -308,6 +308,15 @@ def test_chinese_browser_gets_chinese_labels_and_errors(ui, browser):
     page.context.close()
 
 
+def test_a_note_from_a_quick_page_event_reaches_the_page(ui, browser):
+    """Reusing the seed in a fresh tab has no seed to reuse: the note is shown as a toast, in the page's language."""
+    page = _open(browser, ui.url, locale="zh-CN")
+    page.locator("#advanced").click()
+    page.locator("#seed-reuse").click()
+    sync_api.expect(page.locator(".toast-body")).to_contain_text("暂无可复用的种子")
+    page.context.close()
+
+
 def test_chinese_browser_generates_and_reports_in_chinese(ui, browser):
     page = _open(browser, ui.url, locale="zh-CN")
     _fill(page, ui.image, "黄色方块向右滑动")
