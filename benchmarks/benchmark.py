@@ -948,7 +948,8 @@ def part_waittime(ctx):
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
     empty_cache_s = time.perf_counter() - t
-    ctx.save("waittime", {"gc_collect_s": gc_s, "empty_cache_s": empty_cache_s, "what": "service total vs the engine alone, and where the service's time goes (medians)",
+    ctx.save("waittime", {"what": "service total vs the engine alone, and where the service's time goes (medians)",
+                          "gc_collect_s": gc_s, "empty_cache_s": empty_cache_s,
                           "res": res, "frames": frames, "steps": ctx.args.steps, "runs": n,
                           "speedups": getattr(sampler, "_bench_variant", "eager"), "mp4_written": real_writer,
                           "engine_alone_median_s": statistics.median(engine_alone), "service_median": med,
