@@ -68,6 +68,30 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="another config file instead of configs/config.yaml")
 
 
+def _add_video_flags(p: argparse.ArgumentParser) -> None:
+    """The preset and the VideoParams numbers (unset: from the preset, then the config)."""
+    p.add_argument("--preset", help="fast, standard or high (values not given below come from it)")
+    p.add_argument("--resolution", type=_number_arg, help="output side in pixels, a multiple of 64 (512, 768)")
+    p.add_argument("--frames", type=_number_arg, dest="num_frames", help="number of frames")
+    p.add_argument("--fps", type=_number_arg, help="frames per second (also conditions the motion)")
+    p.add_argument("--steps", type=_number_arg, help="denoising steps")
+    p.add_argument("--guidance", type=_number_arg, dest="guidance_scale", help="guidance scale")
+
+
+def _add_export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--smooth", type=int, choices=[2, 4], help="also export a smoother MP4 with 2× or 4× the frames")
+    p.add_argument("--loop", action="store_true", help="also export a forward-then-backward looping MP4")
+    p.add_argument("--export", metavar="KINDS",
+                   help="also export these, comma-separated: gif, webm, frames (a ZIP of PNG frames)")
+
+
+def _export_kinds(args: argparse.Namespace) -> list[str]:
+    """The exports that --smooth, --loop and --export ask for, in that order."""
+    kinds = [f"smooth{args.smooth}"] if args.smooth else []
+    kinds += ["loop"] if args.loop else []
+    return kinds + [kind.strip() for kind in (args.export or "").split(",") if kind.strip()]
+
+
 def _add_gpus_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", metavar="IDS", help='GPU indices: "0,1" makes each video on two GPUs (each computes one '
                                                  'half of the guidance pair), "1" uses that GPU, "" one GPU '
@@ -96,22 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, type=Path, help="input image (PNG, JPEG, WebP, …)")
     gen.add_argument("--prompt", required=True, help="what should happen in the video")
     gen.add_argument("--negative-prompt", help="what the video should not show (default from the config)")
-    gen.add_argument("--preset", help="fast, standard or high (values not given below come from it)")
-    gen.add_argument("--resolution", type=_number_arg, help="output side in pixels, a multiple of 64 (512, 768)")
-    gen.add_argument("--frames", type=_number_arg, dest="num_frames", help="number of frames")
-    gen.add_argument("--fps", type=_number_arg, help="frames per second (also conditions the motion)")
-    gen.add_argument("--steps", type=_number_arg, help="denoising steps")
-    gen.add_argument("--guidance", type=_number_arg, dest="guidance_scale", help="guidance scale")
+    _add_video_flags(gen)
     gen.add_argument("--seed", type=_number_arg, help="seed; -1 picks a random one")
     gen.add_argument("--segments", type=_number_arg, help="make a longer video of N segments, each continuing "
                                                            "from the last frame of the one before (default 1)")
     gen.add_argument("--segment-prompt", action="append", dest="segment_prompts", metavar="PROMPT",
                      help="the prompt of one segment, once per segment in order (default: --prompt for all)")
     gen.add_argument("--crossfade", type=_number_arg, help="frames blended where two segments meet (default 0)")
-    gen.add_argument("--smooth", type=int, choices=[2, 4], help="also export a smoother MP4 with 2× or 4× the frames")
-    gen.add_argument("--loop", action="store_true", help="also export a forward-then-backward looping MP4")
-    gen.add_argument("--export", metavar="KINDS",
-                     help="also export these, comma-separated: gif, webm, frames (a ZIP of PNG frames)")
+    _add_export_flags(gen)
     gen.add_argument("--output-dir", type=Path, help="folder for the MP4 and JSON (default: outputs/)")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.add_argument("--compile", action="store_true",
@@ -141,17 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "prompts.csv or prompts.txt in the folder)")
     batch.add_argument("--seeds", help="comma-separated seeds: one video per image and seed (default: defaults.seed)")
     batch.add_argument("--negative-prompt", help="what the videos should not show (default from the config)")
-    batch.add_argument("--preset", help="fast, standard or high (values not given below come from it)")
-    batch.add_argument("--resolution", type=_number_arg, help="output side in pixels, a multiple of 64")
-    batch.add_argument("--frames", type=_number_arg, dest="num_frames", help="number of frames")
-    batch.add_argument("--fps", type=_number_arg, help="frames per second")
-    batch.add_argument("--steps", type=_number_arg, help="denoising steps")
-    batch.add_argument("--guidance", type=_number_arg, dest="guidance_scale", help="guidance scale")
+    _add_video_flags(batch)
     batch.add_argument("--segments", type=_number_arg, help="segments per video (default 1)")
     batch.add_argument("--crossfade", type=_number_arg, help="frames blended where two segments meet (default 0)")
-    batch.add_argument("--smooth", type=int, choices=[2, 4], help="also export a smoother MP4 with 2× or 4× the frames")
-    batch.add_argument("--loop", action="store_true", help="also export a forward-then-backward looping MP4")
-    batch.add_argument("--export", metavar="KINDS", help="also export these, comma-separated: gif, webm, frames")
+    _add_export_flags(batch)
     batch.add_argument("--no-wait", action="store_true",
                        help="only queue the jobs and print their ids: a running app (python -m app serve) makes them")
     batch.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -367,9 +376,7 @@ def _generate(args: argparse.Namespace, settings: Any) -> int:
         bar["tqdm"].n = p.step
         bar["tqdm"].refresh()
 
-    exports = [f"smooth{args.smooth}"] if args.smooth else []
-    exports += ["loop"] if args.loop else []
-    exports += [kind.strip() for kind in (args.export or "").split(",") if kind.strip()]
+    exports = _export_kinds(args)
     req = GenerationRequest(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
                             seed=args.seed, preset=args.preset,
                             video={name: getattr(args, name) for name in VideoParams.model_fields},
@@ -426,9 +433,7 @@ def _batch(args: argparse.Namespace, settings: Any) -> int:
     from app.jobs.batch import parse_seeds, plan_batch
     from app.service import GenerationRequest
 
-    exports = [f"smooth{args.smooth}"] if args.smooth else []
-    exports += ["loop"] if args.loop else []
-    exports += [kind.strip() for kind in (args.export or "").split(",") if kind.strip()]
+    exports = _export_kinds(args)
     video = {name: getattr(args, name) for name in VideoParams.model_fields}
     service = _make_service(args, settings)
     queue = JobQueue(service, settings)
