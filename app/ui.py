@@ -11,6 +11,7 @@ finished video by one segment) is a private event of the page. With a job queue 
 page also has the queue panel and the batch, and the API `/submit_job`, `/job_status` and `/cancel_job`.
 """
 
+import contextlib
 import html
 import importlib.util
 import logging
@@ -20,7 +21,7 @@ import threading
 import time
 import urllib.parse
 from abc import ABCMeta
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -272,6 +273,20 @@ def unexpected_error(exc: Exception, lang: str, logs_dir: Path) -> Exception:
     """A failure nobody foresaw, as the same kind of error: its type and where the log is, never the trace."""
     kind = type(exc).__name__
     return user_error(AppError(*(text("unexpected", la, kind=kind, logs=logs_dir) for la in ("en", "zh"))), lang)
+
+
+@contextlib.contextmanager
+def errors_for_user(action: str, lang: str, logs_dir: Path) -> Iterator[None]:
+    """Run a page or API action: an AppError becomes user_error, anything else unexpected_error; the trace goes to
+    the log, never to the page or the caller."""
+    try:
+        yield
+    except AppError as exc:
+        log.info("%s refused (%s): %s", action, type(exc).__name__, exc.en)
+        raise user_error(exc, lang) from None
+    except Exception as exc:
+        log.exception("%s failed", action)
+        raise unexpected_error(exc, lang, logs_dir) from None
 
 
 def _history_items(service: GenerationService) -> tuple[list[tuple[str, str]], list[str]]:
@@ -679,13 +694,8 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
             cancel = runs.open(owner)
             req = _request(image, prompt, negative_prompt, video_values, seed, **more)
             try:
-                result = _generate_with_progress(service, req, cancel, progress, lang, jobs)
-            except AppError as exc:
-                log.info("generate refused (%s): %s", type(exc).__name__, exc.en)
-                raise user_error(exc, lang) from None
-            except Exception as exc:  # the trace goes to the log, never to the page
-                log.exception("generate failed")
-                raise unexpected_error(exc, lang, logs_dir) from None
+                with errors_for_user("generate", lang, logs_dir):
+                    result = _generate_with_progress(service, req, cancel, progress, lang, jobs)
             finally:
                 runs.close(owner, cancel)
             notes = [w.text(lang) for w in result.warnings]
@@ -882,14 +892,8 @@ def build_ui(service: GenerationService, settings: Settings, jobs: Any = None) -
                 req = _request(image, prompt, negative_prompt, dict(resolution=resolution, num_frames=num_frames,
                                fps=fps, steps=steps, guidance_scale=guidance_scale), seed, segments=segments,
                                crossfade=crossfade, exports=exports)
-                try:
+                with errors_for_user("submit_job", lang, logs_dir):
                     job = jobs.submit(req, job_owner(request))
-                except AppError as exc:
-                    log.info("submit_job refused (%s): %s", type(exc).__name__, exc.en)
-                    raise user_error(exc, lang) from None
-                except Exception as exc:  # the trace goes to the log, never to the caller
-                    log.exception("submit_job failed")
-                    raise unexpected_error(exc, lang, logs_dir) from None
                 return job.id, jobs.position(job.id) or 0
 
             submit_job.__doc__ = submit_docstring(settings)
