@@ -476,14 +476,21 @@ OPTIONS = {
     "store": "compiled region graphs kept in the graph store (regional compile)",
     "det": "Inductor's deterministic mode: a restart computes the same frames",
     "prof": "unetcall only: a kernel profile of the call",
-    "nogn": "without the few-row GroupNorm form that runs where the UNet is not compiled",
+    "nogn": "uncompiled: without the few-row GroupNorm form (app.speedups.rewrites.UNCOMPILED_REWRITES)",
     "gnall": "the GroupNorm form of nogn for every call, however many rows (study)",
+    "nofm": "uncompiled: without the frame-major temporal layers",
+    "nost": "uncompiled: without the spatial transformers' output written from token order into the residual sum",
+    "nogeglu": "uncompiled: without the feed-forwards' GEGLU as two matmuls",
 }
 # The study-only scopes: one transformer kind compiled whole, the other per block (compile time vs speed).
 STUDY_REGION_SETS = {
     "spatiallayers": ("Transformer2DModel", "BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer"),
     "temporallayers": ("TransformerTemporalModel", "BasicTransformerBlock", "ResnetBlock2D", "TemporalConvLayer"),
 }
+
+
+# The option that leaves out each of the rewrites for an uncompiled UNet.
+UNCOMPILED_OFF = {"group_norm": "nogn", "frame_major": "nofm", "spatial_tokens": "nost", "geglu": "nogeglu"}
 
 
 def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:
@@ -504,7 +511,7 @@ def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:
     return {"scope": scope, "regions": regions, "cuda_graphs": "graphs" in opts, "temporal_conv2d": "conv2d" in opts,
             "temporal_attention": "triton" if "ttri" in opts else "math" if "tmath" in opts else "sdpa",
             "share_cfg_prefix": "share" in opts, "deterministic": "det" in opts, "cache_dir": cache_dir,
-            "few_row_group_norm": "nogn" not in opts,
+            "uncompiled_rewrites": tuple(name for name, off in UNCOMPILED_OFF.items() if off not in opts),
             "graph_store": graph_store_root(cache_dir) if "store" in opts and cache_dir is not None else None}
 
 
@@ -654,6 +661,7 @@ def verify_paths(default: str) -> dict[str, str]:
     scope, *opts = default.split("+")
     without = lambda *names: "+".join([scope, *[o for o in opts if o not in names]])  # noqa: E731
     return {"CUDA graphs alone": "eager+graphs",
+            "without Triton (uncompiled rewrites, graphs, shared CFG prefix)": "eager+graphs+share",
             "compiled alone": "layers+det",
             "compiled, Triton temporal attention": "layers+ttri+det",
             "app default, compiled in this process": without("store"),

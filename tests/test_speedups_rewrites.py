@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.speedups.rewrites import (
+    UNCOMPILED_REWRITES,
     ShortSequenceAttention,
     cfg_pair,
     use_conv2d_for_temporal_convs,
@@ -198,13 +199,19 @@ def _group_norm(channels: int, groups: int, dtype: torch.dtype) -> torch.nn.Grou
     return norm.to(dtype)
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 4, 8, 8), (2, 32, 6, 5), (3, 64, 10)])
+@pytest.mark.parametrize("shape", [(2, 64, 4, 8, 8), (2, 32, 6, 5), (3, 64, 10), "permuted"])
 def test_few_row_group_norm_is_as_close_to_the_exact_values_as_torchs(shape):
     """In half precision both round the same float32 formula once per element: against a float64 reference
     the rewritten norm is as close as torch's own, on inputs with a large mean (where a careless variance
-    would lose digits)."""
-    norm = _group_norm(shape[1], 32 if shape[1] % 32 == 0 else 8, torch.bfloat16)
+    would lose digits). "permuted": a (batch, C, frames, H, W) view of frame-major data, as the temporal
+    layers hand it over."""
+    permuted = shape == "permuted"
+    shape = (2, 5, 64, 4, 4) if permuted else shape
+    norm = _group_norm(shape[1 + permuted], 32 if shape[1 + permuted] % 32 == 0 else 8, torch.bfloat16)
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 3 + 5).to(torch.bfloat16)
+    if permuted:
+        x = x.permute(0, 2, 1, 3, 4)
+        assert not x.is_contiguous()
     exact = torch.nn.functional.group_norm(x.double(), norm.num_groups, norm.weight.double(), norm.bias.double(),
                                            norm.eps)
     theirs = norm(x)
@@ -249,3 +256,74 @@ def test_few_row_group_norm_in_the_unet_on_other_weights(unet):
     assert not any("forward" in m.__dict__ for m in unet.modules() if type(m) is torch.nn.GroupNorm)
     rel = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
     assert rel(ours) <= rel(theirs) * 1.25, (rel(ours), rel(theirs))
+
+
+def _redraw(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _patches(module: torch.nn.Module) -> int:
+    names = ("forward", "_get_output_for_continuous_inputs", "_operate_on_continuous_inputs")
+    return sum(name in m.__dict__ for m in module.modules() for name in names)
+
+
+@pytest.mark.parametrize("name", list(UNCOMPILED_REWRITES))
+def test_each_uncompiled_rewrite_on_other_weights_in_bfloat16(unet, name):
+    """Each rewrite for an uncompiled UNet, on a fresh random draw of weights, in bfloat16: against the float32
+    UNet it is no further away than the unrewritten bfloat16 UNet, and close to it; undone, the UNet computes
+    exactly what it did."""
+    _redraw(unet, 21)
+    inputs = _inputs(unet, frames=5)
+    exact = _run(unet, inputs)
+    unet.to(torch.bfloat16)
+    half = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    theirs = _run(unet, half).float()
+    undo = UNCOMPILED_REWRITES[name](unet)
+    assert _patches(unet) >= 4, f"{name} found nothing to rewrite in the tiny UNet"
+    ours = _run(unet, half).float()
+    undo()
+    assert _patches(unet) == 0
+    assert torch.equal(_run(unet, half).float(), theirs)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(ours, exact) <= rel(theirs, exact) * 1.25, (rel(ours, exact), rel(theirs, exact))
+    assert rel(ours, theirs) < 0.02
+
+
+def test_uncompiled_rewrites_leave_float32_to_the_original_layers(unet):
+    """In float32 every rewrite hands the call to the original code (the rounding argument of their half-precision
+    forms does not hold there): the same numbers, bit for bit."""
+    inputs = _inputs(unet, frames=3)
+    expected = _run(unet, inputs)
+    undo = [apply(unet) for apply in UNCOMPILED_REWRITES.values()]
+    assert _patches(unet) > 10
+    assert torch.equal(_run(unet, inputs), expected)
+    for u in undo:
+        u()
+
+
+def test_frame_major_temporal_conv_layer_is_as_close_to_the_exact_values():
+    """One TemporalConvLayer with every step's weights random (diffusers zeroes the last), three videos of 5
+    frames with a large mean: the frame-major form (zero frames at both ends, the k-frame windows as one matmul)
+    is as close to a float64 run of the original as the original in bfloat16."""
+    from diffusers.models.resnet import TemporalConvLayer
+
+    from app.speedups.rewrites import use_frame_major_temporal_layers
+
+    layer = TemporalConvLayer(64, 64, norm_num_groups=32).eval()
+    _redraw(layer, 5)
+    x = torch.randn(3 * 5, 64, 3, 4, generator=torch.Generator().manual_seed(6)) * 2 + 3
+    with torch.no_grad():
+        exact = layer.double()(x.double(), num_frames=5)
+        layer.to(torch.bfloat16)
+        theirs = layer(x.to(torch.bfloat16), num_frames=5).double()
+        undo = use_frame_major_temporal_layers(layer)
+        assert "forward" in layer.__dict__
+        ours = layer(x.to(torch.bfloat16), num_frames=5).double()
+        undo()
+    err_ours, err_theirs = (ours - exact).abs(), (theirs - exact).abs()
+    assert err_ours.mean() <= err_theirs.mean() * 1.1, (err_ours.mean(), err_theirs.mean())
+    assert err_ours.max() <= err_theirs.max() * 1.5, (err_ours.max(), err_theirs.max())
+    assert ((ours - theirs).norm() / theirs.norm()) < 0.01

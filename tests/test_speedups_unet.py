@@ -372,3 +372,47 @@ def test_shared_cfg_prefix_is_skipped_off_cuda_and_in_low_vram_mode(sampler):
     sampler.offload = True
     report = apply_accel(sampler, "off", share_cfg_prefix=True, force=True)
     assert not report.share_cfg_prefix and "low-VRAM" in report.notes[0]
+
+
+@pytest.fixture
+def bf16_sampler(tiny_model_dir):
+    s = I2VGenXLSampler(load_components(tiny_model_dir, dtype=torch.bfloat16), "cpu", torch.bfloat16)
+    s.place()
+    return s
+
+
+def test_an_uncompiled_unet_gets_the_uncompiled_rewrites_and_a_compiled_one_does_not(bf16_sampler, image_rgb):
+    from app.speedups.rewrites import UNCOMPILED_REWRITES
+
+    req = _req(image_rgb)
+    expected = _frames(bf16_sampler, req)
+    report = apply_accel(bf16_sampler, "off", share_cfg_prefix=True, force=True)
+    assert report.compile == "off" and report.uncompiled_rewrites == list(UNCOMPILED_REWRITES)
+    got = _frames(bf16_sampler, req)
+    assert (got - expected).abs().mean() < 0.01, (got - expected).abs().mean()
+    remove_accel(bf16_sampler)
+    assert torch.equal(_frames(bf16_sampler, req), expected)
+    report = apply_accel(bf16_sampler, "regional", compiler=lambda fn, **kw: fn, force=True)
+    assert report.compile == "regional" and report.uncompiled_rewrites == []
+    remove_accel(bf16_sampler)
+    report = apply_accel(bf16_sampler, "off", share_cfg_prefix=True, force=True, uncompiled_rewrites=("geglu",))
+    assert report.uncompiled_rewrites == ["geglu"]
+
+
+def test_a_failing_uncompiled_rewrite_falls_back_to_the_plain_unet(bf16_sampler, image_rgb, monkeypatch, caplog):
+    from app.speedups import rewrites
+
+    req = _req(image_rgb)
+    expected = _frames(bf16_sampler, req)
+    report = apply_accel(bf16_sampler, "off", share_cfg_prefix=True, force=True)
+
+    def broken(*a, **k):
+        raise RuntimeError("window out of bounds")
+
+    monkeypatch.setattr(rewrites, "_frame_conv", broken)
+    with caplog.at_level(logging.WARNING):
+        got = _frames(bf16_sampler, req)
+    assert torch.equal(got, expected)
+    assert report.notes[0].startswith("a UNet speedup failed (RuntimeError: window out of bounds")
+    assert "running eager instead" in caplog.text
+    assert not any("forward" in m.__dict__ for m in bf16_sampler.c.unet.modules())

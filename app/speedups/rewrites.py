@@ -145,9 +145,9 @@ def _group_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tens
     a float32 input the variance as mean of squares minus squared mean would lose digits torch's kernel keeps."""
     n, c = x.shape[:2]
     g = self.num_groups
-    if (x.dtype not in (torch.float16, torch.bfloat16) or x.dim() < 3 or n * g >= FEW_GROUP_ROWS
-            or not x.is_contiguous() or x.numel() == 0):
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.dim() < 3 or n * g >= FEW_GROUP_ROWS or x.numel() == 0:
         return F.group_norm(x, g, self.weight, self.bias, self.eps)
+    x = x.contiguous()  # a permuted view (the temporal layers' input): torch's kernel makes the same copy
     rows = x.reshape(n, g, -1)
     size = rows.shape[-1]
     mean = rows.mean(dim=-1, dtype=torch.float32)
@@ -174,6 +174,295 @@ def use_few_row_group_norm(unet: torch.nn.Module) -> Callable[[], None]:
             m.__dict__.pop("forward", None)
 
     return undo
+
+
+# The temporal layers in the frames' own layout ---------------------------------------------------
+
+# The UNet keeps a video as (batch x frames, C, H, W). Its temporal layers view that as (batch, C, frames, H, W),
+# a permuted view, so torch copies it for every GroupNorm, converts it for every cuDNN convolution and back, and
+# copies the result into place again. Uncompiled, those copies are a large share of the call; here the same sums
+# run on the frame-major tensor itself.
+
+def _frame_stats(x: torch.Tensor, norm: torch.nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance, shape (batch, C), in float32, of the GroupNorm of a frame-major
+    (batch, frames, C, ...) tensor: the groups' statistics over frames, their channels and pixels, as
+    _group_norm_forward computes them."""
+    b, f, c = x.shape[:3]
+    g = norm.num_groups
+    rows = x.reshape(b, f, g, -1)
+    size = f * rows.shape[-1]
+    mean = rows.mean(dim=(1, 3), dtype=torch.float32)
+    power = torch.linalg.vector_norm(rows, 2, dim=(1, 3), dtype=torch.float32).square_().div_(size)
+    var = (power - mean.square()).clamp_min_(0.0)
+    return mean.repeat_interleave(c // g, dim=1), var.repeat_interleave(c // g, dim=1)
+
+
+def _frame_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, out: torch.Tensor | None = None,
+                silu: bool = False) -> torch.Tensor:
+    """GroupNorm (then SiLU, if asked) of a contiguous frame-major (batch, frames, C, ...) tensor, written into
+    `out` (same shape, any strides: a slice of a padded buffer, or a permuted view of the next layer's input) or
+    a new tensor. Each video is one batch normalisation with its groups' statistics, frames as its batch: no copy
+    of the input."""
+    mean, var = _frame_stats(x, norm)
+    out = torch.empty_like(x) if out is None else out
+    b, f, c = x.shape[:3]
+    weight = norm.weight.float() if norm.weight is not None else None
+    bias = norm.bias.float() if norm.bias is not None else None
+    for i in range(b):
+        y = F.batch_norm(x[i].reshape(f, c, -1), mean[i], var[i], weight, bias, False, 0.0, norm.eps)
+        target = out[i]
+        if silu:
+            torch._C._nn.silu(y.view(target.shape), out=target)
+        else:
+            target.copy_(y.view(target.shape))
+    return out
+
+
+def _frame_conv(x: torch.Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv3d) -> torch.Tensor:
+    """conv(silu(norm(x))) for a frame-major (batch, frames, C, H, W) x and a (k, 1, 1) Conv3d that keeps
+    the frame count: the normalised frames go into a buffer padded with zero frames, and the convolution is one
+    batched matmul per video over a window view of k neighbouring frames (no copy), each output frame the
+    weight (O, k x C) times its window (k x C, H x W)."""
+    b, f, c, h, w = x.shape
+    k, pad = conv.kernel_size[0], conv.padding[0]
+    o = conv.out_channels
+    padded = x.new_empty(b, f + 2 * pad, c, h, w)
+    padded[:, :pad].zero_()
+    padded[:, f + pad:].zero_()
+    _frame_norm(x, norm, out=padded[:, pad:f + pad], silu=True)
+    weight = conv.weight.reshape(o, c, k).transpose(1, 2).reshape(o, k * c).expand(f, o, k * c)
+    out = x.new_empty(b, f, o, h, w)
+    for i in range(b):
+        window = padded[i].as_strided((f, k * c, h * w), (c * h * w, h * w, 1))
+        torch.bmm(weight, window, out=out[i].view(f, o, h * w))
+    if conv.bias is not None:
+        out.add_(conv.bias.view(o, 1, 1))
+    return out
+
+
+def _frame_conv_parts(seq: torch.nn.Module) -> tuple[torch.nn.GroupNorm, torch.nn.Conv3d] | None:
+    """(norm, conv) of a temporal conv step [GroupNorm, SiLU, (Dropout), Conv3d], or None if it is built otherwise."""
+    if not isinstance(seq, torch.nn.Sequential) or len(seq) not in (3, 4):
+        return None
+    norm, act, conv = seq[0], seq[1], seq[-1]
+    middle_ok = len(seq) == 3 or type(seq[2]) is torch.nn.Dropout
+    if (type(norm) is not torch.nn.GroupNorm or type(act) is not torch.nn.SiLU or not middle_ok
+            or not _is_frame_conv(conv) or 2 * conv.padding[0] != conv.kernel_size[0] - 1
+            or norm.num_channels != conv.in_channels):
+        return None
+    return norm, conv
+
+
+def _temporal_conv_layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
+                                 num_frames: int = 1) -> torch.Tensor:
+    """TemporalConvLayer.forward on the frame-major tensor: the same four norm-SiLU-convolution steps and the
+    same residual sum (`identity + hidden_states`), without the permuted views. Half precision on a
+    contiguous input only (else the original), as _group_norm_forward."""
+    x = hidden_states
+    if (self.training or x.dtype not in (torch.float16, torch.bfloat16) or x.dim() != 4 or num_frames < 1
+            or x.shape[0] % num_frames or not x.is_contiguous()):
+        return self._frame_major_original(hidden_states, num_frames)
+    bf, c, h, w = x.shape
+    y = x.view(bf // num_frames, num_frames, c, h, w)
+    for norm, conv in self._frame_major_parts:
+        y = _frame_conv(y, norm, conv)
+    return x + y.view(bf, -1, h, w)
+
+
+def _temporal_transformer_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
+                                  encoder_hidden_states: torch.Tensor | None = None, timestep: Any = None,
+                                  class_labels: Any = None, num_frames: int = 1,
+                                  cross_attention_kwargs: dict | None = None, return_dict: bool = True) -> Any:
+    """TransformerTemporalModel.forward with its GroupNorm on the frame-major tensor and its output written
+    straight into the residual sum: the same layers and sums, two copies fewer. Half precision on a contiguous
+    input only (else the original)."""
+    x = hidden_states
+    if (self.training or x.dtype not in (torch.float16, torch.bfloat16) or x.dim() != 4 or num_frames < 1
+            or x.shape[0] % num_frames or not x.is_contiguous()):
+        return self._frame_major_original(hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
+                                          cross_attention_kwargs, return_dict)
+    bf, c, h, w = x.shape
+    b = bf // num_frames
+    # The norm's output goes straight into the (batch, H, W, frames, C) order the blocks read, one copy as before.
+    tokens = x.new_empty(b, h, w, num_frames, c)
+    _frame_norm(x.view(b, num_frames, c, h, w), self.norm, out=tokens.permute(0, 3, 4, 1, 2))
+    hidden = self.proj_in(tokens.view(b * h * w, num_frames, c))
+    for block in self.transformer_blocks:
+        hidden = block(hidden, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                       cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)
+    hidden = self.proj_out(hidden)
+    frames = hidden.view(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2)
+    output = torch.empty_like(x)
+    torch.add(frames, x.view(b, num_frames, c, h, w), out=output.view(b, num_frames, c, h, w))
+    if not return_dict:
+        return (output,)
+    return self._frame_major_output(sample=output)
+
+
+def _frame_major_temporal_transformer(m: torch.nn.Module) -> bool:
+    if type(m).__name__ != "TransformerTemporalModel" or type(getattr(m, "norm", None)) is not torch.nn.GroupNorm:
+        return False
+    proj_in, proj_out = getattr(m, "proj_in", None), getattr(m, "proj_out", None)
+    return (isinstance(proj_in, torch.nn.Linear) and isinstance(proj_out, torch.nn.Linear)
+            and proj_in.in_features == proj_out.out_features == m.norm.num_channels
+            and hasattr(m, "transformer_blocks"))
+
+
+def use_frame_major_temporal_layers(unet: torch.nn.Module) -> Callable[[], None]:
+    """Give the UNet's temporal conv layers and temporal transformers the frame-major forms above (eager only:
+    compiled, Inductor plans the layouts itself). Layers built otherwise keep their own forward."""
+    patched: list[torch.nn.Module] = []
+    for m in unet.modules():
+        if type(m).__name__ == "TemporalConvLayer":
+            parts = [_frame_conv_parts(getattr(m, name, None)) for name in ("conv1", "conv2", "conv3", "conv4")]
+            if any(p is None for p in parts) or getattr(m, "in_dim", None) != parts[-1][1].out_channels:
+                continue
+            m._frame_major_parts = parts
+            forward = _temporal_conv_layer_forward
+        elif _frame_major_temporal_transformer(m):
+            from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
+
+            m._frame_major_output = TransformerTemporalModelOutput
+            forward = _temporal_transformer_forward
+        else:
+            continue
+        m._frame_major_original = m.forward
+        m.forward = types.MethodType(forward, m)
+        patched.append(m)
+
+    def undo() -> None:
+        for m in patched:
+            for name in ("forward", "_frame_major_original", "_frame_major_parts", "_frame_major_output"):
+                m.__dict__.pop(name, None)
+
+    return undo
+
+
+# Spatial transformers' token order ---------------------------------------------------------------
+
+def _spatial_in(self: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Transformer2DModel._operate_on_continuous_inputs for 1x1-convolution projections: the convolution as the
+    same matmul after the permute (which copies the pixels into token order once) instead of before it, since
+    cuDNN converts the layout of a convolution's input and output and a matmul needs neither."""
+    if hidden_states.dtype not in (torch.float16, torch.bfloat16):
+        return self._spatial_originals[0](hidden_states)
+    b, _, h, w = hidden_states.shape
+    x = self.norm(hidden_states)
+    conv = self.proj_in
+    tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, x.shape[1])
+    return F.linear(tokens, conv.weight.view(conv.out_channels, -1), conv.bias), conv.out_channels
+
+
+def _spatial_out(self: torch.nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor, batch_size: int,
+                 height: int, width: int, inner_dim: int) -> torch.Tensor:
+    """Transformer2DModel._get_output_for_continuous_inputs with the output projection on the tokens (a linear
+    layer, or a 1x1 convolution as its matmul) and its result written straight from token order into the
+    residual sum (`hidden_states + residual`), instead of first copied back into image order."""
+    if hidden_states.dtype not in (torch.float16, torch.bfloat16):
+        return self._spatial_originals[1](hidden_states, residual, batch_size, height, width, inner_dim)
+    proj = self.proj_out
+    if isinstance(proj, torch.nn.Linear):
+        y = proj(hidden_states)
+    else:
+        y = F.linear(hidden_states, proj.weight.view(proj.out_channels, -1), proj.bias)
+    output = torch.empty_like(residual, memory_format=torch.contiguous_format)
+    torch.add(y.view(batch_size, height, width, -1).permute(0, 3, 1, 2), residual, out=output)
+    return output
+
+
+def _is_pointwise_conv(m: Any) -> bool:
+    return (type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
+            and m.dilation == (1, 1) and tuple(m.padding) == (0, 0))
+
+
+def _spatial_projections(m: torch.nn.Module) -> str | None:
+    """"linear" or "conv" for a Transformer2DModel on image input with linear or 1x1-convolution projections."""
+    if (type(m).__name__ != "Transformer2DModel" or not getattr(m, "is_input_continuous", False)
+            or not hasattr(m, "_operate_on_continuous_inputs") or not hasattr(m, "_get_output_for_continuous_inputs")):
+        return None
+    proj_in, proj_out = getattr(m, "proj_in", None), getattr(m, "proj_out", None)
+    if getattr(m, "use_linear_projection", None) is True:
+        return "linear" if isinstance(proj_in, torch.nn.Linear) and isinstance(proj_out, torch.nn.Linear) else None
+    if getattr(m, "use_linear_projection", None) is False:
+        return "conv" if _is_pointwise_conv(proj_in) and _is_pointwise_conv(proj_out) else None
+    return None
+
+
+def use_spatial_token_order(unet: torch.nn.Module) -> Callable[[], None]:
+    """Give the spatial transformers the forms above, in half precision (eager only: compiled, Inductor plans
+    the layouts itself). With linear projections only the output changes (the input is already a permute then
+    a matmul)."""
+    patched = []
+    for m in unet.modules():
+        kind = _spatial_projections(m)
+        if kind is None:
+            continue
+        m._spatial_originals = (m._operate_on_continuous_inputs, m._get_output_for_continuous_inputs)
+        if kind == "conv":
+            m._operate_on_continuous_inputs = types.MethodType(_spatial_in, m)
+        m._get_output_for_continuous_inputs = types.MethodType(_spatial_out, m)
+        patched.append(m)
+
+    def undo() -> None:
+        for m in patched:
+            for name in ("_operate_on_continuous_inputs", "_get_output_for_continuous_inputs", "_spatial_originals"):
+                m.__dict__.pop(name, None)
+
+    return undo
+
+
+# Gated GELU feed-forward -------------------------------------------------------------------------
+
+def _geglu_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """GEGLU as two matmuls, one per half of its projection's rows, instead of one whose output is then split:
+    each half is a contiguous tensor, so the GELU and the product run as vectorised kernels in place (the split
+    halves' strided reads are slower). The same sums: `hidden * gelu(gate)`."""
+    if args or kwargs or hidden_states.dtype not in (torch.float16, torch.bfloat16):
+        return self._geglu_original(hidden_states, *args, **kwargs)
+    proj = self.proj
+    half = proj.out_features // 2
+    bias = proj.bias
+    hidden = F.linear(hidden_states, proj.weight[:half], None if bias is None else bias[:half])
+    gate = F.linear(hidden_states, proj.weight[half:], None if bias is None else bias[half:])
+    torch._C._nn.gelu_(gate)
+    return hidden.mul_(gate)
+
+
+def use_split_geglu(unet: torch.nn.Module) -> Callable[[], None]:
+    """Give every GEGLU of the UNet (the transformers' feed-forward) the form above, in half precision (eager only:
+    compiled, Inductor fuses the GELU and the product into one kernel)."""
+    patched = []
+    for m in unet.modules():
+        if type(m).__name__ != "GEGLU" or not isinstance(getattr(m, "proj", None), torch.nn.Linear):
+            continue
+        if type(m).gelu is not _diffusers_geglu_gelu() or m.proj.out_features % 2:
+            continue
+        m._geglu_original = m.forward
+        m.forward = types.MethodType(_geglu_forward, m)
+        patched.append(m)
+
+    def undo() -> None:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_geglu_original", None)
+
+    return undo
+
+
+def _diffusers_geglu_gelu() -> Any:
+    """diffusers' own GEGLU.gelu (exact GELU): a GEGLU whose class changed it is left alone."""
+    from diffusers.models.activations import GEGLU
+
+    return GEGLU.gelu
+
+
+# The rewrites for a UNet that runs uncompiled (no Triton, or compile off): by name, what applies each.
+UNCOMPILED_REWRITES: dict[str, Callable[[torch.nn.Module], Callable[[], None]]] = {
+    "group_norm": use_few_row_group_norm,
+    "frame_major": use_frame_major_temporal_layers,
+    "spatial_tokens": use_spatial_token_order,
+    "geglu": use_split_geglu,
+}
 
 
 # Classifier-free guidance's shared first layers ----------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from app import winsetup
 from app.engine.device import is_out_of_memory
 from app.speedups.graphstore import GraphStore, store_folder
-from app.speedups.rewrites import (cfg_pair, use_conv2d_for_temporal_convs, use_few_row_group_norm,
+from app.speedups.rewrites import (UNCOMPILED_REWRITES, cfg_pair, use_conv2d_for_temporal_convs,
                                    use_shared_cfg_prefix, use_temporal_attention)
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class AccelReport:
     temporal_conv2d: bool = False
     temporal_attention: str = "sdpa"
     share_cfg_prefix: bool = False
-    few_row_group_norm: bool = False  # app.speedups.rewrites.use_few_row_group_norm, when not compiled
+    uncompiled_rewrites: list[str] = field(default_factory=list)  # names of UNCOMPILED_REWRITES applied
     deterministic: bool = False
     cache_dir: str | None = None
     graph_store: str | None = None  # the folder of stored region graphs (app.speedups.graphstore), when used
@@ -221,7 +221,7 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
                 temporal_attention: str = "sdpa", share_cfg_prefix: bool = False, regions: str = "layers",
                 deterministic: bool = False, cache_dir: Path | None = None, graph_store: Path | None = None,
                 compiler: Callable[..., Any] | None = None, force: bool = False,
-                few_row_group_norm: bool = True) -> AccelReport:
+                uncompiled_rewrites: tuple[str, ...] | None = None) -> AccelReport:
     """Speed up the sampler's UNet in place; `remove_accel` undoes it all.
 
     Args:
@@ -239,9 +239,10 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
             Dynamo (app.speedups.graphstore; regional compile only).
         compiler: stands in for torch.compile (the CPU tests pass a fake one).
         force: apply on a device other than CUDA (the CPU tests).
-        few_row_group_norm: where the UNet is not compiled (no Triton, or compile off) but other speedups run,
-            its GroupNorms compute their few-row calls as reductions plus batch normalisation (exact, see
-            app.speedups.rewrites.use_few_row_group_norm). Compiled, Inductor fuses the norms itself.
+        uncompiled_rewrites: where the UNet is not compiled (no Triton, or compile off) but other speedups run,
+            these rewrites of app.speedups.rewrites.UNCOMPILED_REWRITES (None: all of them) give its norms,
+            temporal layers, projections and feed-forwards forms with fewer copies and faster kernels (the same
+            sums; see each). Compiled, Inductor fuses and lays out those layers itself.
 
     The device decides: off CUDA nothing changes unless `force`; on CUDA without Triton (usual on native
     Windows) compile is skipped with a note.
@@ -359,13 +360,15 @@ def apply_accel(sampler: Any, scope: str, *, cuda_graphs: bool = False, temporal
             note = f"torch.compile unavailable ({type(exc).__name__}: {exc}); running eager"
             report.notes.append(note)
             log.warning(note)
-    if few_row_group_norm and report.compile == "off" and (scope != "off" or cuda_graphs or share_cfg_prefix):
-        undo.append(use_few_row_group_norm(unet))
-        report.few_row_group_norm = True
+    if report.compile == "off" and (scope != "off" or cuda_graphs or share_cfg_prefix):
+        names = tuple(UNCOMPILED_REWRITES) if uncompiled_rewrites is None else uncompiled_rewrites
+        for name in names:
+            undo.append(UNCOMPILED_REWRITES[name](unet))
+            report.uncompiled_rewrites.append(name)
     if cuda_graphs:
         compiled = CudaGraphRunner(compiled, report)
         report.cuda_graphs = True
-    if report.compile != "off" or report.cuda_graphs or report.share_cfg_prefix or report.few_row_group_norm:
+    if report.compile != "off" or report.cuda_graphs or report.share_cfg_prefix or report.uncompiled_rewrites:
         # A failure may come from a rewrite as well as from the compiler: fall back to all of it undone.
         sampler.denoise_fn = GuardedDenoiser(compiled, eager, sampler.undo_accel, report)
     return report
