@@ -212,7 +212,7 @@ def _frame_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, out: torch.Tensor | N
         y = F.batch_norm(x[i].reshape(f, c, -1), mean[i], var[i], weight, bias, False, 0.0, norm.eps)
         target = out[i]
         if silu:
-            torch._C._nn.silu(y.view(target.shape), out=target)
+            torch.ops.aten.silu.out(y.view(target.shape), out=target)
         else:
             target.copy_(y.view(target.shape))
     return out
@@ -424,7 +424,7 @@ def _geglu_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: An
     bias = proj.bias
     hidden = F.linear(hidden_states, proj.weight[:half], None if bias is None else bias[:half])
     gate = F.linear(hidden_states, proj.weight[half:], None if bias is None else bias[half:])
-    torch._C._nn.gelu_(gate)
+    torch.ops.aten.gelu_(gate)
     return hidden.mul_(gate)
 
 
