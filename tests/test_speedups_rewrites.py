@@ -190,6 +190,14 @@ def test_shared_cfg_prefix_refuses_an_odd_batch_and_other_unets(unet):
         pass
 
 
+def _redraw(module: torch.nn.Module, seed: int) -> None:
+    """Fresh random weights: other values than any other test's."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
 def _group_norm(channels: int, groups: int, dtype: torch.dtype) -> torch.nn.GroupNorm:
     norm = torch.nn.GroupNorm(groups, channels, eps=1e-6)
     g = torch.Generator().manual_seed(2)
@@ -240,10 +248,7 @@ def test_few_row_group_norm_in_the_unet_on_other_weights(unet):
     """The whole tiny UNet in bfloat16 with every GroupNorm rewritten, against the same UNet unrewritten: both
     against the float32 UNet, the rewritten one is no further away than the original (other weights than any
     test above: a fresh random draw)."""
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    _redraw(unet, 11)
     inputs = _inputs(unet)
     exact = _run(unet, inputs)
     unet.to(torch.bfloat16)
@@ -256,13 +261,6 @@ def test_few_row_group_norm_in_the_unet_on_other_weights(unet):
     assert not any("forward" in m.__dict__ for m in unet.modules() if type(m) is torch.nn.GroupNorm)
     rel = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
     assert rel(ours) <= rel(theirs) * 1.25, (rel(ours), rel(theirs))
-
-
-def _redraw(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def _patches(module: torch.nn.Module) -> int:
