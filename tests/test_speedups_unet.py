@@ -347,25 +347,6 @@ def test_shared_cfg_prefix_gives_the_same_video_and_halves_the_first_layers(samp
     assert torch.equal(_frames(sampler, single), plain)
 
 
-def test_a_failing_shared_cfg_prefix_falls_back_to_the_plain_unet(sampler, image_rgb, monkeypatch, caplog):
-    from app.speedups import rewrites
-
-    req = _req(image_rgb)
-    expected = _frames(sampler, req)
-    report = apply_accel(sampler, "off", share_cfg_prefix=True, force=True)
-
-    def broken(*a, **k):
-        raise RuntimeError("halves went missing")
-
-    monkeypatch.setattr(rewrites, "_half", broken)
-    with caplog.at_level(logging.WARNING):
-        got = _frames(sampler, req)
-    assert torch.allclose(got, expected, atol=1e-5)
-    assert not report.share_cfg_prefix and report.notes[0].startswith("a UNet speedup failed (RuntimeError: halves")
-    assert "running eager instead" in caplog.text
-    assert not hasattr(sampler.c.unet, "_shared_cfg_prefix")
-
-
 def test_shared_cfg_prefix_is_skipped_off_cuda_and_in_low_vram_mode(sampler):
     report = apply_accel(sampler, "off", share_cfg_prefix=True)
     assert not report.share_cfg_prefix and "not on a CUDA device" in report.notes[0]
@@ -399,20 +380,28 @@ def test_an_uncompiled_unet_gets_the_uncompiled_rewrites_and_a_compiled_one_does
     assert report.uncompiled_rewrites == ["geglu"]
 
 
-def test_a_failing_uncompiled_rewrite_falls_back_to_the_plain_unet(bf16_sampler, image_rgb, monkeypatch, caplog):
+@pytest.mark.parametrize("fixture, target, message", [
+    ("sampler", "_half", "halves went missing"),  # the shared CFG prefix
+    ("bf16_sampler", "_frame_conv", "window out of bounds"),  # a rewrite for an uncompiled UNet
+])
+def test_a_failing_rewrite_falls_back_to_the_plain_unet(request, image_rgb, monkeypatch, caplog, fixture, target,
+                                                         message):
     from app.speedups import rewrites
 
+    sampler = request.getfixturevalue(fixture)
     req = _req(image_rgb)
-    expected = _frames(bf16_sampler, req)
-    report = apply_accel(bf16_sampler, "off", share_cfg_prefix=True, force=True)
+    expected = _frames(sampler, req)
+    report = apply_accel(sampler, "off", share_cfg_prefix=True, force=True)
 
     def broken(*a, **k):
-        raise RuntimeError("window out of bounds")
+        raise RuntimeError(message)
 
-    monkeypatch.setattr(rewrites, "_frame_conv", broken)
+    monkeypatch.setattr(rewrites, target, broken)
     with caplog.at_level(logging.WARNING):
-        got = _frames(bf16_sampler, req)
-    assert torch.equal(got, expected)
-    assert report.notes[0].startswith("a UNet speedup failed (RuntimeError: window out of bounds")
+        got = _frames(sampler, req)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert report.notes[0].startswith(f"a UNet speedup failed (RuntimeError: {message}")
+    assert not report.share_cfg_prefix and report.uncompiled_rewrites == []
     assert "running eager instead" in caplog.text
-    assert not any("forward" in m.__dict__ for m in bf16_sampler.c.unet.modules())
+    assert not hasattr(sampler.c.unet, "_shared_cfg_prefix")
+    assert not any("forward" in m.__dict__ for m in sampler.c.unet.modules())

@@ -19,6 +19,21 @@ TEMPORAL_CONTAINERS = ("TransformerTemporalModel", "I2VGenXLTransformerTemporalE
 TEMPORAL_ATTENTION_MODES = ("sdpa", "math", "triton")
 
 
+def _patched(changes: list[tuple[torch.nn.Module, dict[str, Any]]]) -> Callable[[], None]:
+    """Give each module these instance attributes (forwards and other methods bound to it, and what they need),
+    which take precedence over its class's; returns what removes them again."""
+    for module, attrs in changes:
+        for name, value in attrs.items():
+            setattr(module, name, value)
+
+    def undo() -> None:
+        for module, attrs in changes:
+            for name in attrs:
+                module.__dict__.pop(name, None)
+
+    return undo
+
+
 # Temporal convolutions ---------------------------------------------------------------------------
 
 def _frame_conv_forward(self: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -37,16 +52,8 @@ def _is_frame_conv(m: torch.nn.Module) -> bool:
 
 def use_conv2d_for_temporal_convs(unet: torch.nn.Module) -> Callable[[], None]:
     """Run every temporal (k, 1, 1) Conv3d as a 2-D convolution."""
-    patched = [m for m in unet.modules() if _is_frame_conv(m)]
-    forward = _frame_conv_forward
-    for m in patched:
-        m.forward = types.MethodType(forward, m)
-
-    def undo() -> None:
-        for m in patched:
-            m.__dict__.pop("forward", None)
-
-    return undo
+    return _patched([(m, {"forward": types.MethodType(_frame_conv_forward, m)})
+                     for m in unet.modules() if _is_frame_conv(m)])
 
 
 # Temporal attention ------------------------------------------------------------------------------
@@ -165,15 +172,8 @@ def _group_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tens
 def use_few_row_group_norm(unet: torch.nn.Module) -> Callable[[], None]:
     """Give every GroupNorm of the UNet the form above for its few-row calls (eager only: Inductor makes its
     own fused kernels for the norms, so the compiled path keeps torch's)."""
-    patched = [m for m in unet.modules() if type(m) is torch.nn.GroupNorm]
-    for m in patched:
-        m.forward = types.MethodType(_group_norm_forward, m)
-
-    def undo() -> None:
-        for m in patched:
-            m.__dict__.pop("forward", None)
-
-    return undo
+    return _patched([(m, {"forward": types.MethodType(_group_norm_forward, m)})
+                     for m in unet.modules() if type(m) is torch.nn.GroupNorm])
 
 
 # The temporal layers in the frames' own layout ---------------------------------------------------
@@ -311,31 +311,22 @@ def _frame_major_temporal_transformer(m: torch.nn.Module) -> bool:
 def use_frame_major_temporal_layers(unet: torch.nn.Module) -> Callable[[], None]:
     """Give the UNet's temporal conv layers and temporal transformers the frame-major forms above (eager only:
     compiled, Inductor plans the layouts itself). Layers built otherwise keep their own forward."""
-    patched: list[torch.nn.Module] = []
+    changes: list[tuple[torch.nn.Module, dict[str, Any]]] = []
     for m in unet.modules():
         if type(m).__name__ == "TemporalConvLayer":
             parts = [_frame_conv_parts(getattr(m, name, None)) for name in ("conv1", "conv2", "conv3", "conv4")]
             if any(p is None for p in parts) or getattr(m, "in_dim", None) != parts[-1][1].out_channels:
                 continue
-            m._frame_major_parts = parts
-            forward = _temporal_conv_layer_forward
+            attrs = {"_frame_major_parts": parts, "forward": types.MethodType(_temporal_conv_layer_forward, m)}
         elif _frame_major_temporal_transformer(m):
             from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
 
-            m._frame_major_output = TransformerTemporalModelOutput
-            forward = _temporal_transformer_forward
+            attrs = {"_frame_major_output": TransformerTemporalModelOutput,
+                     "forward": types.MethodType(_temporal_transformer_forward, m)}
         else:
             continue
-        m._frame_major_original = m.forward
-        m.forward = types.MethodType(forward, m)
-        patched.append(m)
-
-    def undo() -> None:
-        for m in patched:
-            for name in ("forward", "_frame_major_original", "_frame_major_parts", "_frame_major_output"):
-                m.__dict__.pop(name, None)
-
-    return undo
+        changes.append((m, {"_frame_major_original": m.forward, **attrs}))
+    return _patched(changes)
 
 
 # Spatial transformers' token order ---------------------------------------------------------------
@@ -392,23 +383,17 @@ def use_spatial_token_order(unet: torch.nn.Module) -> Callable[[], None]:
     """Give the spatial transformers the forms above, in half precision (eager only: compiled, Inductor plans
     the layouts itself). With linear projections only the output changes (the input is already a permute then
     a matmul)."""
-    patched = []
+    changes: list[tuple[torch.nn.Module, dict[str, Any]]] = []
     for m in unet.modules():
         kind = _spatial_projections(m)
         if kind is None:
             continue
-        m._spatial_originals = (m._operate_on_continuous_inputs, m._get_output_for_continuous_inputs)
+        attrs = {"_spatial_originals": (m._operate_on_continuous_inputs, m._get_output_for_continuous_inputs),
+                 "_get_output_for_continuous_inputs": types.MethodType(_spatial_out, m)}
         if kind == "conv":
-            m._operate_on_continuous_inputs = types.MethodType(_spatial_in, m)
-        m._get_output_for_continuous_inputs = types.MethodType(_spatial_out, m)
-        patched.append(m)
-
-    def undo() -> None:
-        for m in patched:
-            for name in ("_operate_on_continuous_inputs", "_get_output_for_continuous_inputs", "_spatial_originals"):
-                m.__dict__.pop(name, None)
-
-    return undo
+            attrs["_operate_on_continuous_inputs"] = types.MethodType(_spatial_in, m)
+        changes.append((m, attrs))
+    return _patched(changes)
 
 
 # Gated GELU feed-forward -------------------------------------------------------------------------
@@ -431,22 +416,13 @@ def _geglu_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: An
 def use_split_geglu(unet: torch.nn.Module) -> Callable[[], None]:
     """Give every GEGLU of the UNet (the transformers' feed-forward) the form above, in half precision (eager only:
     compiled, Inductor fuses the GELU and the product into one kernel)."""
-    patched = []
-    for m in unet.modules():
-        if type(m).__name__ != "GEGLU" or not isinstance(getattr(m, "proj", None), torch.nn.Linear):
-            continue
-        if type(m).gelu is not _diffusers_geglu_gelu() or m.proj.out_features % 2:
-            continue
-        m._geglu_original = m.forward
-        m.forward = types.MethodType(_geglu_forward, m)
-        patched.append(m)
+    return _patched([(m, {"_geglu_original": m.forward, "forward": types.MethodType(_geglu_forward, m)})
+                     for m in unet.modules() if _plain_geglu(m)])
 
-    def undo() -> None:
-        for m in patched:
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("_geglu_original", None)
 
-    return undo
+def _plain_geglu(m: torch.nn.Module) -> bool:
+    return (type(m).__name__ == "GEGLU" and isinstance(getattr(m, "proj", None), torch.nn.Linear)
+            and type(m).gelu is _diffusers_geglu_gelu() and m.proj.out_features % 2 == 0)
 
 
 def _diffusers_geglu_gelu() -> Any:

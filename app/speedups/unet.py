@@ -153,6 +153,7 @@ class GuardedDenoiser:
             self.report.temporal_conv2d = False
             self.report.temporal_attention = "sdpa"
             self.report.share_cfg_prefix = False
+            self.report.uncompiled_rewrites = []
             log.warning(note)
             return self.eager(*args)
 
