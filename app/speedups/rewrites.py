@@ -225,6 +225,9 @@ def _frame_conv(x: torch.Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv3d
     weight (O, k x C) times its window (k x C, H x W)."""
     b, f, c, h, w = x.shape
     k, pad = conv.kernel_size[0], conv.padding[0]
+    if k != 2 * pad + 1:
+        # as_strided checks only the whole buffer's bounds: the window of the last frame must end at its video's end.
+        raise ValueError(f"frame-major convolution needs padding (k - 1) / 2, not {pad} for k = {k}")
     o = conv.out_channels
     padded = x.new_empty(b, f + 2 * pad, c, h, w)
     padded[:, :pad].zero_()
