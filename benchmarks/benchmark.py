@@ -693,6 +693,10 @@ def part_verify(ctx, res, frames):
         s.denoise_fn(*args)
     stored = dict(report.graph_store_stats or {})
     remove_accel(s)
+    if not stored.get("saved"):
+        # Without graphs stored with the first weights, the last path would prove nothing about the store.
+        raise RuntimeError(f"verify: the graph store saved no graphs with the first weights ({stored}; an earlier "
+                           "part of this run may have left compiled regions behind): run verify512 on its own")
     redraw_weights(unet, seed=1)
 
     ref = s._unet_forward(*args).float()
