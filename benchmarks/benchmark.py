@@ -479,7 +479,6 @@ OPTIONS = {
     "nogn": "uncompiled: without the few-row GroupNorm form (app.speedups.rewrites.UNCOMPILED_REWRITES)",
     "gnall": "the GroupNorm form of nogn for every call, however many rows (study)",
     "nofm": "uncompiled: without the frame-major temporal layers",
-    "nost": "uncompiled: without the spatial transformers' output written from token order into the residual sum",
     "nogeglu": "uncompiled: without the feed-forwards' GEGLU as two matmuls",
 }
 # The study-only scopes: one transformer kind compiled whole, the other per block (compile time vs speed).
@@ -490,7 +489,7 @@ STUDY_REGION_SETS = {
 
 
 # The option that leaves out each of the rewrites for an uncompiled UNet.
-UNCOMPILED_OFF = {"group_norm": "nogn", "frame_major": "nofm", "spatial_tokens": "nost", "geglu": "nogeglu"}
+UNCOMPILED_OFF = {"group_norm": "nogn", "frame_major": "nofm", "geglu": "nogeglu"}
 
 
 def variant_kwargs(variant: str, cache_dir: Path | None = None) -> dict:

@@ -261,4 +261,4 @@ def test_the_default_speedups_are_the_apps():
         "scope": o.compile, "regions": o.regions, "cuda_graphs": o.cuda_graphs, "temporal_conv2d": o.temporal_conv2d,
         "temporal_attention": o.temporal_attention, "share_cfg_prefix": o.share_cfg_prefix,
         "deterministic": o.deterministic, "cache_dir": cache, "graph_store": graph_store_root(cache) if o.graph_store else None,
-        "uncompiled_rewrites": ("group_norm", "frame_major", "spatial_tokens", "geglu")}
+        "uncompiled_rewrites": ("group_norm", "frame_major", "geglu")}

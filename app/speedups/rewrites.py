@@ -332,73 +332,6 @@ def use_frame_major_temporal_layers(unet: torch.nn.Module) -> Callable[[], None]
     return _patched(changes)
 
 
-# Spatial transformers' token order ---------------------------------------------------------------
-
-def _spatial_in(self: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Transformer2DModel._operate_on_continuous_inputs for 1x1-convolution projections: the convolution as the
-    same matmul after the permute (which copies the pixels into token order once) instead of before it, since
-    cuDNN converts the layout of a convolution's input and output and a matmul needs neither."""
-    if hidden_states.dtype not in (torch.float16, torch.bfloat16):
-        return self._spatial_originals[0](hidden_states)
-    b, _, h, w = hidden_states.shape
-    x = self.norm(hidden_states)
-    conv = self.proj_in
-    tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, x.shape[1])
-    return F.linear(tokens, conv.weight.view(conv.out_channels, -1), conv.bias), conv.out_channels
-
-
-def _spatial_out(self: torch.nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor, batch_size: int,
-                 height: int, width: int, inner_dim: int) -> torch.Tensor:
-    """Transformer2DModel._get_output_for_continuous_inputs with the output projection on the tokens (a linear
-    layer, or a 1x1 convolution as its matmul) and its result written straight from token order into the
-    residual sum (`hidden_states + residual`), instead of first copied back into image order."""
-    if hidden_states.dtype not in (torch.float16, torch.bfloat16):
-        return self._spatial_originals[1](hidden_states, residual, batch_size, height, width, inner_dim)
-    proj = self.proj_out
-    if isinstance(proj, torch.nn.Linear):
-        y = proj(hidden_states)
-    else:
-        y = F.linear(hidden_states, proj.weight.view(proj.out_channels, -1), proj.bias)
-    output = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    torch.add(y.view(batch_size, height, width, -1).permute(0, 3, 1, 2), residual, out=output)
-    return output
-
-
-def _is_pointwise_conv(m: Any) -> bool:
-    return (type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
-            and m.dilation == (1, 1) and tuple(m.padding) == (0, 0))
-
-
-def _spatial_projections(m: torch.nn.Module) -> str | None:
-    """"linear" or "conv" for a Transformer2DModel on image input with linear or 1x1-convolution projections."""
-    if (type(m).__name__ != "Transformer2DModel" or not getattr(m, "is_input_continuous", False)
-            or not hasattr(m, "_operate_on_continuous_inputs") or not hasattr(m, "_get_output_for_continuous_inputs")):
-        return None
-    proj_in, proj_out = getattr(m, "proj_in", None), getattr(m, "proj_out", None)
-    if getattr(m, "use_linear_projection", None) is True:
-        return "linear" if isinstance(proj_in, torch.nn.Linear) and isinstance(proj_out, torch.nn.Linear) else None
-    if getattr(m, "use_linear_projection", None) is False:
-        return "conv" if _is_pointwise_conv(proj_in) and _is_pointwise_conv(proj_out) else None
-    return None
-
-
-def use_spatial_token_order(unet: torch.nn.Module) -> Callable[[], None]:
-    """Give the spatial transformers the forms above, in half precision (eager only: compiled, Inductor plans
-    the layouts itself). With linear projections only the output changes (the input is already a permute then
-    a matmul)."""
-    changes: list[tuple[torch.nn.Module, dict[str, Any]]] = []
-    for m in unet.modules():
-        kind = _spatial_projections(m)
-        if kind is None:
-            continue
-        attrs = {"_spatial_originals": (m._operate_on_continuous_inputs, m._get_output_for_continuous_inputs),
-                 "_get_output_for_continuous_inputs": types.MethodType(_spatial_out, m)}
-        if kind == "conv":
-            attrs["_operate_on_continuous_inputs"] = types.MethodType(_spatial_in, m)
-        changes.append((m, attrs))
-    return _patched(changes)
-
-
 # Gated GELU feed-forward -------------------------------------------------------------------------
 
 def _geglu_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -439,7 +372,6 @@ def _diffusers_geglu_gelu() -> Any:
 UNCOMPILED_REWRITES: dict[str, Callable[[torch.nn.Module], Callable[[], None]]] = {
     "group_norm": use_few_row_group_norm,
     "frame_major": use_frame_major_temporal_layers,
-    "spatial_tokens": use_spatial_token_order,
     "geglu": use_split_geglu,
 }
 
