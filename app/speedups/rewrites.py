@@ -143,6 +143,19 @@ def use_temporal_attention(unet: torch.nn.Module, mode: str) -> Callable[[], Non
 FEW_GROUP_ROWS = 1024
 
 
+def _channel_stats(rows: torch.Tensor, dims: tuple[int, ...], per_channel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance in float32 of each group of `rows` (a (batch, ..., groups, ...) view, reduced
+    over `dims`), as two reductions with float32 accumulation, each repeated for the group's `per_channel`
+    channels: shape (batch, channels)."""
+    size = 1
+    for d in dims:
+        size *= rows.shape[d]
+    mean = rows.mean(dim=dims, dtype=torch.float32)
+    power = torch.linalg.vector_norm(rows, 2, dim=dims, dtype=torch.float32).square_().div_(size)
+    var = (power - mean.square()).clamp_min_(0.0)
+    return mean.repeat_interleave(per_channel, dim=1), var.repeat_interleave(per_channel, dim=1)
+
+
 def _group_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm as two reductions (sum and sum of squares of each group, accumulated in float32), which
     torch spreads over many thread blocks, then one pass of batch normalisation with those statistics: the
@@ -155,14 +168,8 @@ def _group_norm_forward(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tens
     if x.dtype not in (torch.float16, torch.bfloat16) or x.dim() < 3 or n * g >= FEW_GROUP_ROWS or x.numel() == 0:
         return F.group_norm(x, g, self.weight, self.bias, self.eps)
     x = x.contiguous()  # a permuted view (the temporal layers' input): torch's kernel makes the same copy
-    rows = x.reshape(n, g, -1)
-    size = rows.shape[-1]
-    mean = rows.mean(dim=-1, dtype=torch.float32)
-    power = torch.linalg.vector_norm(rows, 2, dim=-1, dtype=torch.float32).square_().div_(size)
-    var = (power - mean.square()).clamp_min_(0.0)
-    per_channel = c // g
-    mean_c = mean.repeat_interleave(per_channel, dim=1).reshape(-1)
-    var_c = var.repeat_interleave(per_channel, dim=1).reshape(-1)
+    mean, var = _channel_stats(x.reshape(n, g, -1), (-1,), c // g)
+    mean_c, var_c = mean.reshape(-1), var.reshape(-1)
     weight = self.weight.float().repeat(n) if self.weight is not None else None
     bias = self.bias.float().repeat(n) if self.bias is not None else None
     y = F.batch_norm(x.reshape(1, n * c, -1), mean_c, var_c, weight, bias, False, 0.0, self.eps)
@@ -183,29 +190,16 @@ def use_few_row_group_norm(unet: torch.nn.Module) -> Callable[[], None]:
 # copies the result into place again. Uncompiled, those copies are a large share of the call; here the same sums
 # run on the frame-major tensor itself.
 
-def _frame_stats(x: torch.Tensor, norm: torch.nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and variance, shape (batch, C), in float32, of the GroupNorm of a frame-major
-    (batch, frames, C, ...) tensor: the groups' statistics over frames, their channels and pixels, as
-    _group_norm_forward computes them."""
-    b, f, c = x.shape[:3]
-    g = norm.num_groups
-    rows = x.reshape(b, f, g, -1)
-    size = f * rows.shape[-1]
-    mean = rows.mean(dim=(1, 3), dtype=torch.float32)
-    power = torch.linalg.vector_norm(rows, 2, dim=(1, 3), dtype=torch.float32).square_().div_(size)
-    var = (power - mean.square()).clamp_min_(0.0)
-    return mean.repeat_interleave(c // g, dim=1), var.repeat_interleave(c // g, dim=1)
-
-
 def _frame_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, out: torch.Tensor | None = None,
                 silu: bool = False) -> torch.Tensor:
     """GroupNorm (then SiLU, if asked) of a contiguous frame-major (batch, frames, C, ...) tensor, written into
     `out` (same shape, any strides: a slice of a padded buffer, or a permuted view of the next layer's input) or
     a new tensor. Each video is one batch normalisation with its groups' statistics, frames as its batch: no copy
     of the input."""
-    mean, var = _frame_stats(x, norm)
-    out = torch.empty_like(x) if out is None else out
     b, f, c = x.shape[:3]
+    # Each group's statistics over the frames, its channels and pixels, as _group_norm_forward computes them.
+    mean, var = _channel_stats(x.reshape(b, f, norm.num_groups, -1), (1, 3), c // norm.num_groups)
+    out = torch.empty_like(x) if out is None else out
     weight = norm.weight.float() if norm.weight is not None else None
     bias = norm.bias.float() if norm.bias is not None else None
     for i in range(b):
