@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -346,16 +345,9 @@ class JobQueue:
             source = extended.with_name(name) if isinstance(name, str) and name else None
         if source is None:
             return None
-        target = video.with_name(video.stem + ".input.png")
-        temp = target.with_name(f".{target.name}.{os.getpid()}.part")  # app.video's temp name: cleaned if left
-        try:
-            shutil.copyfile(source, temp)
-            os.replace(temp, target)
-        except OSError as exc:  # the video is what matters; a missing input copy only costs the restore
-            log.warning("could not keep the input image beside %s: %s", video.name, exc)
-            temp.unlink(missing_ok=True)
-            return None
-        return target.name
+        from app.video import copy_input_image
+
+        return copy_input_image(source, video)
 
     # Reading and managing ----------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:

@@ -21,11 +21,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -287,11 +288,21 @@ def pid_alive(pid: int) -> bool:
 def save_input_image(image: Any, video_path: Path) -> str | None:
     """Keep the (decoded, size-capped) input PIL image beside its video as ``<stem>.input.png``, so the
     history can restore it too; returns that file's name, or None if it could not be written."""
+    # zlib level 1: a few times faster than PNG's default and still lossless; the file is a little larger.
+    return _keep_input_beside(video_path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
+
+
+def copy_input_image(source: Path, video_path: Path) -> str | None:
+    """The same for an input image already kept as PNG elsewhere (the queue's input copy, or the one beside
+    the video an extension continues): copied beside ``video_path``."""
+    return _keep_input_beside(video_path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def _keep_input_beside(video_path: Path, write: Callable[[Path], Any]) -> str | None:
     target = video_path.with_name(video_path.stem + ".input.png")
     tmp = _temp_path(target)
     try:
-        # zlib level 1: a few times faster than PNG's default and still lossless; the file is a little larger.
-        image.save(tmp, format="PNG", compress_level=1)
+        write(tmp)
         os.replace(tmp, target)
     except OSError as exc:  # the video is what matters; a missing input copy only costs the restore
         logger.warning("could not keep the input image beside %s: %s", video_path.name, exc)
