@@ -61,13 +61,9 @@ def _start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
 
 
 def _beats(client) -> dict[str, dict]:
-    out = {}
-    for key in client.scan_iter(match="i2v:worker:*"):
-        value = client.get(key)
-        if value:
-            beat = json.loads(value)
-            out[beat["name"]] = beat
-    return out
+    from app.jobs.celery_app import read_heartbeats
+
+    return {beat["name"]: beat for beat in read_heartbeats(client)}
 
 
 class Workers:

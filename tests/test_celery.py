@@ -147,13 +147,9 @@ def workers(broker, tiny_model_dir, shared_models_dir, tmp_path_factory):
 
 
 def _heartbeats(client) -> dict[str, dict]:
-    beats = {}
-    for key in client.scan_iter(match="i2v:worker:*"):
-        value = client.get(key)
-        if value:
-            beat = json.loads(value)
-            beats[beat["name"]] = beat
-    return beats
+    from app.jobs.celery_app import read_heartbeats
+
+    return {beat["name"]: beat for beat in read_heartbeats(client)}
 
 
 def _ready_workers(client) -> set[str]:

@@ -68,6 +68,21 @@ def worker_key(name: str) -> str:
 WORKER_KEYS = f"{KEY_PREFIX}worker:*"
 
 
+def read_heartbeats(client: Any) -> list[dict]:
+    """The connected workers' last heartbeats, read from Redis (`client`: a redis.Redis); an unreadable one is
+    skipped (it is rewritten within HEARTBEAT_S)."""
+    import json
+
+    keys = list(client.scan_iter(match=WORKER_KEYS, count=100))
+    beats = []
+    for value in client.mget(keys) if keys else []:
+        try:
+            beats.append(json.loads(value))
+        except (TypeError, ValueError):
+            continue
+    return beats
+
+
 def new_task_id(job_id: str) -> str:
     """A task id for one sending of a job. A job sent again (retried after it failed or was cancelled) gets a
     new one: the workers keep revoked task ids for hours, and an old result must not pass for the new one."""

@@ -195,17 +195,7 @@ class CeleryBackend:
         self._poll(jobs)
 
     def _read_workers(self) -> None:
-        import json
-
-        keys = list(self._redis.scan_iter(match=ca.WORKER_KEYS, count=100))
-        values = self._redis.mget(keys) if keys else []
-        workers = []
-        for value in values:
-            try:
-                workers.append(json.loads(value))
-            except (TypeError, ValueError):
-                continue
-        self._workers = workers
+        self._workers = ca.read_heartbeats(self._redis)
         self._workers_read = time.monotonic()
 
     def _check_lost(self, jobs: dict[str, Job], now: float) -> None:
