@@ -85,11 +85,43 @@ def write_video(
     fps = int(fps)
     now = now or datetime.now()
     frames = _iter_frames(frames_thwc_uint8)
-    # Serialize early: a metadata value json can't handle should fail before the encode.
+
+    def encode(video_tmp: Path, name: str) -> dict[str, Any]:
+        num_frames, (height, width), padded = _encode(frames, fps, video_tmp)
+        return {"file": name, "created_at": now.isoformat(timespec="milliseconds"), "fps": fps,
+                "num_frames": num_frames, "width": width, "height": height, "codec": "h264", "pix_fmt": PIX_FMT,
+                "padded_to_even": padded}
+
+    video, section = _place_video(out_dir, now, metadata, encode)
+    logger.info("Wrote %s (%d frames, %dx%d, %d fps)", video.path, section["num_frames"], section["width"],
+                section["height"], fps)
+    return video
+
+
+def store_video(data: bytes, out_dir: Path, metadata: dict[str, Any], *, now: datetime | None = None) -> VideoFile:
+    """Place an MP4 encoded elsewhere (by a GPU worker, app.worker) and its metadata in ``out_dir``, under a new
+    unique name, as write_video places its own: both written under hidden temp names, the JSON moved into place
+    first, then the MP4. The JSON's ``video`` section (from the encoder's write_video) gets the new file name."""
+
+    def place(video_tmp: Path, name: str) -> dict[str, Any]:
+        video_tmp.write_bytes(data)
+        return {**(metadata.get("video") or {}), "file": name}
+
+    video, _ = _place_video(out_dir, now or datetime.now(), metadata, place)
+    logger.info("Wrote %s (%d bytes, made elsewhere)", video.path, len(data))
+    return video
+
+
+def _place_video(out_dir: Path, now: datetime, metadata: dict[str, Any],
+                 write_mp4: Callable[[Path, str], dict[str, Any]]) -> tuple[VideoFile, dict[str, Any]]:
+    """What write_video and store_video share: claim a new unique name in ``out_dir``; `write_mp4(temp path,
+    final file name)` writes the MP4 under its hidden temp name and returns the JSON's ``video`` section; the
+    JSON (``metadata`` plus that section) is moved into place first, then the MP4. On any failure nothing is left
+    in ``out_dir`` and the exception propagates. Returns the video and its ``video`` section."""
+    # Serialize early: a metadata value json can't handle should fail before the MP4 is written.
     json.dumps(metadata, ensure_ascii=False, default=_json_default)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
     stem, lock = _reserve_stem(out_dir, now)
     video_path = out_dir / f"{stem}.mp4"
     json_path = out_dir / f"{stem}.json"
@@ -97,24 +129,10 @@ def write_video(
     json_tmp = _temp_path(json_path)
     finished = False
     try:
-        num_frames, (height, width), padded = _encode(frames, fps, video_tmp)
-        payload = dict(metadata)
-        payload["video"] = {
-            "file": video_path.name,
-            "created_at": now.isoformat(timespec="milliseconds"),
-            "fps": fps,
-            "num_frames": num_frames,
-            "width": width,
-            "height": height,
-            "codec": "h264",
-            "pix_fmt": PIX_FMT,
-            "padded_to_even": padded,
-        }
-        _write_text_atomic(
-            json_path,
-            json_tmp,
-            json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default) + "\n",
-        )
+        section = write_mp4(video_tmp, video_path.name)
+        payload = {**metadata, "video": section}
+        _write_text_atomic(json_path, json_tmp,
+                           json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default) + "\n")
         os.replace(video_tmp, video_path)
         finished = True
     finally:
@@ -122,38 +140,7 @@ def write_video(
             for leftover in (video_tmp, json_tmp, json_path, video_path):
                 _unlink_quietly(leftover)
         _unlink_quietly(lock)
-    logger.info("Wrote %s (%d frames, %dx%d, %d fps)", video_path, num_frames, width, height, fps)
-    return VideoFile(path=video_path, metadata_path=json_path)
-
-
-def store_video(data: bytes, out_dir: Path, metadata: dict[str, Any], *, now: datetime | None = None) -> VideoFile:
-    """Place an MP4 encoded elsewhere (by a GPU worker, app.worker) and its metadata in ``out_dir``, under a new
-    unique name, as write_video places its own: both written under hidden temp names, the JSON moved into place
-    first, then the MP4. The JSON's ``video`` section (from the encoder's write_video) gets the new file name."""
-    now = now or datetime.now()
-    payload = dict(metadata)
-    json.dumps(payload, ensure_ascii=False, default=_json_default)  # a value json can't handle fails before writing
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem, lock = _reserve_stem(out_dir, now)
-    video_path = out_dir / f"{stem}.mp4"
-    json_path = out_dir / f"{stem}.json"
-    video_tmp = _temp_path(video_path)
-    finished = False
-    try:
-        video_tmp.write_bytes(data)
-        payload["video"] = {**(payload.get("video") or {}), "file": video_path.name}
-        _write_text_atomic(json_path, _temp_path(json_path),
-                           json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default) + "\n")
-        os.replace(video_tmp, video_path)
-        finished = True
-    finally:
-        if not finished:
-            for leftover in (video_tmp, json_path, video_path):
-                _unlink_quietly(leftover)
-        _unlink_quietly(lock)
-    logger.info("Wrote %s (%d bytes, made elsewhere)", video_path, len(data))
-    return VideoFile(path=video_path, metadata_path=json_path)
+    return VideoFile(path=video_path, metadata_path=json_path), section
 
 
 def list_videos(out_dir: Path, limit: int = 100) -> list[VideoEntry]:
