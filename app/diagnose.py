@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import platform
 import re
@@ -236,11 +235,9 @@ def torch_facts(python: str | os.PathLike[str] | None = None, run: Runner = subp
                    encoding="utf-8", errors="replace", timeout=timeout)
     except (OSError, subprocess.SubprocessError) as exc:
         return {"installed": False, "error": f"could not run {python}: {exc}"}
-    for line in reversed(proc.stdout.strip().splitlines()):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
+    facts = winsetup.last_json_line(proc.stdout)
+    if facts is not None:
+        return facts
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"installed": False, "error": f"{python} could not probe torch: {tail}"}
 

@@ -375,12 +375,18 @@ def probe_env(python: Path, timeout: float = 60) -> dict[str, Any]:
                               errors="replace", timeout=timeout)
     except (OSError, subprocess.SubprocessError):
         return {}
-    for line in reversed(proc.stdout.strip().splitlines()):
+    return last_json_line(proc.stdout) or {}
+
+
+def last_json_line(output: str) -> Any:
+    """The last line of a child's output that parses as JSON (how the probes report, after whatever their imports
+    print), or None."""
+    for line in reversed(output.strip().splitlines()):
         try:
             return json.loads(line)
         except ValueError:
             continue
-    return {}
+    return None
 
 
 def run_captured(cmd: list[str], env: Mapping[str, str] | None = None,
