@@ -28,6 +28,7 @@ from mp4probe import probe
 from PIL import Image
 
 from app.jobs.store import JobState
+from ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"resolution": 64, "num_frames": 4, "fps": 8, "steps": 3}
@@ -38,12 +39,6 @@ KILLED = {**LONG, "steps": 40}
 WORKER_NAMES = ("alpha@tests", "beta@tests")
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _until(check, timeout: float, what: str, every: float = 0.05):
@@ -65,7 +60,7 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-        self.exe, self.folder, self.port = exe, folder, port or _free_port()
+        self.exe, self.folder, self.port = exe, folder, port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
@@ -330,7 +325,7 @@ def test_the_ui_on_the_celery_backend_gives_a_video_through_generate(workers, br
     returns a video made by a worker and written into the server's outputs folder."""
     from gradio_client import Client, handle_file
 
-    port = _free_port()
+    port = free_port()
     dirs = {name: tmp_path / name for name in ("outputs", "logs")}
     env = {**_worker_env(broker.url, shared_models_dir, dirs["logs"]), "I2V_SERVICE__BACKEND": "celery",
            "I2V_PATHS__OUTPUTS": str(dirs["outputs"])}
@@ -468,7 +463,7 @@ def test_an_unreachable_broker_at_start_is_an_error_naming_its_url(tmp_path, sha
     from app.jobs.celery_app import BrokerError
     from app.service import GenerationService
 
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     url = f"redis://:s3cret@127.0.0.1:{port}/0"
     shown = f"redis://:***@127.0.0.1:{port}/0"
     root = make_root(tmp_path / "front")
@@ -483,7 +478,7 @@ def test_an_unreachable_broker_at_start_is_an_error_naming_its_url(tmp_path, sha
     env = {**_worker_env(url, shared_models_dir, tmp_path / "logs"), "LANG": "C.UTF-8", "LC_ALL": "",
            "LC_MESSAGES": ""}  # English messages
     commands = {"worker": ["worker", "--model", "tiny", "--device", "cpu"],
-                "serve": ["serve", "--model", "tiny", "--port", str(_free_port())]}
+                "serve": ["serve", "--model", "tiny", "--port", str(free_port())]}
     for name, args in commands.items():
         extra = {"I2V_SERVICE__BACKEND": "celery"} if name == "serve" else {}
         out = subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO, env={**env, **extra},

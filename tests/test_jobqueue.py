@@ -22,6 +22,7 @@ from app.errors import InputError, ModelMissingError
 from app.jobqueue import JobQueue, progress_of
 from app.jobs.store import JobState
 from app.service import GenerationRequest, GenerationService, SegmentProgress
+from ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,12 +176,6 @@ def test_queued_jobs_wait_while_the_model_is_not_loaded(settings, image):
     queue.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_an_app_killed_mid_job_makes_every_queued_job_exactly_once_after_a_restart(
         settings, make_service, image, project_root, shared_models_dir, tiny_model_dir):
     outputs = settings.path("outputs")
@@ -189,7 +184,7 @@ def test_an_app_killed_mid_job_makes_every_queued_job_exactly_once_after_a_resta
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "I2V_PATHS__OUTPUTS": str(outputs),
            "I2V_PATHS__LOGS": str(project_root / "logs"), "I2V_PATHS__MODELS": str(shared_models_dir)}
-    child = subprocess.Popen([sys.executable, "-m", "app", "serve", "--model", "tiny", "--port", str(_free_port())],
+    child = subprocess.Popen([sys.executable, "-m", "app", "serve", "--model", "tiny", "--port", str(free_port())],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(36_000):  # until the app's worker is inside a job's denoising loop (at most three minutes)

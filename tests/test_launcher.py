@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app import diagnose  # noqa: E402
+from ports import free_port  # noqa: E402
 
 
 def _load_start_app():
@@ -78,12 +79,6 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0):
         yield sock.getsockname()[1]
     finally:
         sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_project(root: Path, port: int = 7860) -> Path:

@@ -10,7 +10,6 @@ settings, the upload limit, the file route's basic path tricks, a wrong password
 from __future__ import annotations
 
 import json
-import socket
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
@@ -23,17 +22,12 @@ from PIL import Image
 
 from app import cli
 from app.logging_setup import remove_logging
+from ports import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # pandas deprecations in Gradio
 
 USER, PASSWORD = "alice", "pw-Tr0ub4dor-3"
 HF_TOKEN = "hf_SecretTokenThatMustNotLeak42"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +61,7 @@ def served(tmp_path_factory, tiny_engine):
             launch.setattr(loader, "load_engine", lambda *a, **k: engine)
             launch.setattr(app.ui, "run_server", run_server)
             for attempt in range(5):  # another test process may take the port between the probe and the bind
-                port = _free_port()
+                port = free_port()
                 code = cli.main(["serve", "--model", "tiny", "--port", str(port), "--auth", f"{USER}:{PASSWORD}"])
                 if code == 0 or attempt == 4:
                     break

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 import urllib.parse
@@ -23,6 +22,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError as ClientAppError
 from gradio_client.utils import Status
 from mp4probe import probe
+from ports import free_port
 
 # No test may reach the network; gradio_client's telemetry obeys only these.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,12 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # pandas deprecations in Gradio
 UPLOAD_LIMIT_MB = 1  # small, so the upload-limit test needs no big file
 FAST = {"resolution": 64, "num_frames": 4, "fps": 8, "steps": 2, "guidance_scale": 9.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ui_root(base: Path) -> Path:
@@ -63,7 +57,7 @@ def _launch(service, settings, **kw):
     from app.ui import run_server
 
     for attempt in range(5):
-        port = _free_port()
+        port = free_port()
         try:
             demo = run_server(service, settings, host="127.0.0.1", port=port, block=False, **kw)
         except InputError as exc:
@@ -413,7 +407,7 @@ def test_mcp_without_the_extra_fails_clearly(tmp_path, ui_models_dir, monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mcp" else real_find_spec(name, *a))
     settings = _ui_settings(_ui_root(tmp_path / "root"), ui_models_dir)
     with pytest.raises(InputError, match=r'pip install "gradio\[mcp\]"'):
-        run_server(GenerationService(settings, lambda: None), settings, host="127.0.0.1", port=_free_port(),
+        run_server(GenerationService(settings, lambda: None), settings, host="127.0.0.1", port=free_port(),
                    mcp=True, block=False)
 
 

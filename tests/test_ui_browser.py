@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from ports import free_port
 
 # No test may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,12 +44,6 @@ sync_api = pytest.importorskip("playwright.sync_api")
 sync_api.expect.set_options(timeout=30_000)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(service, settings, jobs):
     """run_server on a free port. Tests run in parallel processes, so another one may take the port between
     the probe and the bind: then try another."""
@@ -57,7 +51,7 @@ def _launch(service, settings, jobs):
     from app.ui import run_server
 
     for attempt in range(5):
-        port = _free_port()
+        port = free_port()
         try:
             return run_server(service, settings, host="127.0.0.1", port=port, block=False, jobs=jobs), port
         except InputError as exc:

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError as ClientAppError
 from mp4probe import probe
+from ports import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -33,19 +33,13 @@ FAST = {"resolution": 64, "num_frames": 4, "fps": 8, "steps": 2}
 WAIT_S = 120  # a guard against a hang, never a speed check
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(service, settings, jobs):
     """run_server on a free port (another test process may take the probed port first: then try another)."""
     from app.errors import InputError
     from app.ui import run_server
 
     for attempt in range(5):
-        port = _free_port()
+        port = free_port()
         try:
             demo = run_server(service, settings, host="127.0.0.1", port=port, block=False, jobs=jobs, mcp=True)
             return demo, f"http://127.0.0.1:{port}/"
