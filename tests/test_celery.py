@@ -130,15 +130,21 @@ def workers(broker, tiny_model_dir, shared_models_dir, tmp_path_factory):
         _until(ready, START_TIMEOUT_S, "both workers to be ready", every=0.2)
         yield state
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        _stop_groups(procs.values())
+
+
+def _stop_groups(procs) -> None:
+    """SIGTERM to each process group still running (a clean stop), SIGKILL to any not gone after 20 s."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def _heartbeats(client) -> dict[str, dict]:
@@ -359,12 +365,7 @@ def test_the_ui_on_the_celery_backend_gives_a_video_through_generate(workers, br
         assert "GPU workers" in text, text  # the queue's state, said at start
         assert meta["job_id"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _stop_groups([proc])
 
 
 # The settings both sides share ------------------------------------------------------------------------------
