@@ -356,10 +356,10 @@ def load_components(model_dir: Path, *, dtype: Any, variant: str = "fp16", model
     for name, cls in [("unet", I2VGenXLUNet), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
                       ("image_encoder", CLIPVisionModelWithProjection)]:
         def weights(folder: Path, cls: Any = cls, name: str = name) -> Any:
+            folder_variant = _variant_of(folder, variant)
             if ahead:
-                read_ahead(weight_files(folder, _variant_of(folder, variant)))
-            model, info = cls.from_pretrained(folder, variant=_variant_of(folder, variant), dtype=dtype,
-                                              output_loading_info=True)
+                read_ahead(weight_files(folder, folder_variant))
+            model, info = cls.from_pretrained(folder, variant=folder_variant, dtype=dtype, output_loading_info=True)
             _check_loading_info(name, info, folder)
             return model.eval().requires_grad_(False)
 
