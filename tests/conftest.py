@@ -108,6 +108,20 @@ def make_service(settings, tiny_engine):
 
 
 @pytest.fixture
+def hold_decode(monkeypatch):
+    """`hold_decode(sampler)` makes the sampler wait half a second before it decodes. Gradio sends only the
+    latest progress update every 10 ms, and the tiny model decodes at once: without the wait, the last
+    step's "Step n/n" can be overwritten by the decode's message before it is sent."""
+    import time
+
+    def hold(sampler, seconds: float = 0.5) -> None:
+        decode = sampler.decode
+        monkeypatch.setattr(sampler, "decode", lambda *a, **kw: (time.sleep(seconds), decode(*a, **kw))[1])
+
+    return hold
+
+
+@pytest.fixture
 def image_rgb() -> np.ndarray:
     """A 100x120 image with structure (a gradient plus a square), never zeros."""
     y, x = np.mgrid[0:100, 0:120]

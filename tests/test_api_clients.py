@@ -146,8 +146,9 @@ def test_mcp_generate_with_image_and_prompt_returns_a_video_url_made_with_the_de
     assert "Demo model (output is noise)" in text
 
 
-def test_mcp_generate_with_parameters_reports_progress(mcp_server, tmp_path):
+def test_mcp_generate_with_parameters_reports_progress(mcp_server, tmp_path, hold_decode):
     """With a progress token, the tool reports each step and returns video, info and parameters apart."""
+    hold_decode(mcp_server.service.engine.sampler)
     params = {"resolution": 64, "num_frames": 2, "fps": 7, "steps": 2, "guidance_scale": 1.5}
     messages: list[str] = []
 

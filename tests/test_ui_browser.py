@@ -152,12 +152,8 @@ def _wait_idle(service, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_generate_shows_progress_and_plays_a_video_of_frames_over_fps(ui, browser, monkeypatch):
-    # Gradio sends only the latest progress every 10 ms, and the tiny model decodes at once: the last
-    # step's "Step 6/6" could be overwritten by the decode's before it was sent. Hold it a moment.
-    sampler = ui.service.engine.sampler
-    decode = sampler.decode
-    monkeypatch.setattr(sampler, "decode", lambda *a, **kw: (time.sleep(0.5), decode(*a, **kw))[1])
+def test_generate_shows_progress_and_plays_a_video_of_frames_over_fps(ui, browser, hold_decode):
+    hold_decode(ui.service.engine.sampler)
     page = _open(browser, ui.url)
     status = page.locator("#status-bar")
     sync_api.expect(status).to_contain_text("Model ready")
@@ -262,10 +258,8 @@ def test_history_entry_loads_its_video_and_settings(ui, browser):
     page.context.close()
 
 
-def test_extend_on_a_history_entry_makes_a_longer_video(ui, browser, monkeypatch):
-    sampler = ui.service.engine.sampler  # hold the decode a moment, so the last step's progress is sent
-    decode = sampler.decode
-    monkeypatch.setattr(sampler, "decode", lambda *a, **kw: (time.sleep(0.5), decode(*a, **kw))[1])
+def test_extend_on_a_history_entry_makes_a_longer_video(ui, browser, hold_decode):
+    hold_decode(ui.service.engine.sampler)
     page = _open(browser, ui.url)
     page.locator("#history .thumbnail-item", has_text="made before the server").click()
     sync_api.expect(page.locator("#run-info")).to_contain_text(ui.earlier.video_path.name)
