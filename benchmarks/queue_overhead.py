@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -34,6 +35,17 @@ from PIL import Image  # noqa: E402
 
 def _median_ms(values: list[float]) -> float:
     return round(statistics.median(values) * 1000, 2)
+
+
+def _timed(fn: Callable, durations: list[float]) -> Callable:
+    """fn, appending the seconds of each call to durations."""
+    def timed(*a, **kw):
+        started = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            durations.append(time.perf_counter() - started)
+    return timed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,26 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
         service.load()
         inside: list[float] = []  # the service.generate calls the queue's worker makes
         generate = service.generate
-
-        def timed_generate(*a, **kw):
-            started = time.perf_counter()
-            try:
-                return generate(*a, **kw)
-            finally:
-                inside.append(time.perf_counter() - started)
-
+        timed_generate = _timed(generate, inside)
         queue = JobQueue(service, settings)
         progress_writes: list[float] = []  # the store writes of the worker's progress reports, inside generate
-        set_progress = queue.store.set_progress
-
-        def timed_set_progress(*a, **kw):
-            started = time.perf_counter()
-            try:
-                return set_progress(*a, **kw)
-            finally:
-                progress_writes.append(time.perf_counter() - started)
-
-        queue.store.set_progress = timed_set_progress
+        queue.store.set_progress = _timed(queue.store.set_progress, progress_writes)
         queue.start()
         rng = np.random.default_rng(0)
         image = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
